@@ -1,0 +1,1 @@
+/* core/dtype.c - placeholder; being written. */

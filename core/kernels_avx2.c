@@ -1,0 +1,1 @@
+/* core/kernels_avx2.c - placeholder; being written. */

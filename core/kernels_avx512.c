@@ -1,0 +1,1 @@
+/* core/kernels_avx512.c - placeholder; being written. */

@@ -1,0 +1,1 @@
+/* core/matmul.c - placeholder; being written. */

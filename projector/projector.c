@@ -1,0 +1,1 @@
+/* projector/projector.c - placeholder; being written. */

@@ -1,0 +1,1 @@
+/* text/chat.c - placeholder; being written. */

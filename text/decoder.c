@@ -1,0 +1,1 @@
+/* text/decoder.c - placeholder; being written. */

@@ -1,0 +1,1 @@
+/* text/model.c - placeholder; being written. */

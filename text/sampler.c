@@ -1,0 +1,1 @@
+/* text/sampler.c - placeholder; being written. */

@@ -1,0 +1,1 @@
+/* text/tokenizer.c - placeholder; being written. */

@@ -1,0 +1,2 @@
+/* tools/make-test-model.c - placeholder; being written. */
+int main(void) { return 1; }

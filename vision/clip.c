@@ -1,0 +1,1 @@
+/* vision/clip.c - placeholder; being written. */

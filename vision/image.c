@@ -1,0 +1,1 @@
+/* vision/image.c - placeholder; being written. */

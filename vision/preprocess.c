@@ -1,0 +1,1 @@
+/* vision/preprocess.c - placeholder; being written. */
