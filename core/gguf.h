@@ -90,6 +90,9 @@ uint32_t vlm_gguf_version(const vlm_gguf_t *g);
 size_t vlm_gguf_alignment(const vlm_gguf_t *g);
 const char *vlm_gguf_path(const vlm_gguf_t *g); /* "<memory>" for buffers */
 size_t vlm_gguf_file_size(const vlm_gguf_t *g);
+/* Offset of the data section from the start of the file (the end of the
+ * tensor infos rounded up to the alignment). */
+size_t vlm_gguf_data_offset(const vlm_gguf_t *g);
 
 /* --- metadata --------------------------------------------------------- */
 
@@ -126,9 +129,10 @@ const vlm_gguf_tensor_t *vlm_gguf_tensor_at(const vlm_gguf_t *g, size_t i);
 const vlm_gguf_tensor_t *vlm_gguf_find_tensor(const vlm_gguf_t *g, const char *name);
 
 /* Looks up a required tensor and checks it: it must exist
- * (VLM_ERR_NOT_FOUND), have exactly n_dims dims equal to ne (an entry of -1
- * matches any size) (VLM_ERR_SHAPE), and have a type whose bit is set in
- * type_mask, bit (1ull << type) (VLM_ERR_TYPE). The error names the tensor,
+ * (VLM_ERR_NOT_FOUND); its first n_dims dims must equal ne (an entry of -1
+ * matches any size) and every later dim must be 1, as llama.cpp checks, so
+ * a vector stored as [n, 1] matches [n] (VLM_ERR_SHAPE); and its type's bit,
+ * (1ull << type), must be set in type_mask (VLM_ERR_TYPE). The error names the tensor,
  * e.g. "blk.3.attn_q.weight: expected F16, got Q2_K". */
 int vlm_gguf_expect_tensor(const vlm_gguf_t *g, const char *name, int n_dims,
                            const int64_t *ne, uint64_t type_mask,

@@ -46,6 +46,13 @@ void vlm_weight_release(vlm_weight_t *w);
 /* Y = X W^T as above. pool may be NULL (single thread). */
 void vlm_matmul(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y);
 
+/* Y_k = X W_k^T for n_w weights that share X (same n_in): ys[k] is
+ * [n_tok][ws[k]->n_out]. Same results as n_w vlm_matmul() calls, but X is
+ * converted once per activation type and all weights run in one parallel
+ * section, so use it for Q/K/V and for FFN gate/up. */
+void vlm_matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x, int64_t n_tok,
+                      float *const *ys);
+
 /* Reference path: dequantize W to f32 rows and use plain loops (for tests). */
 void vlm_matmul_ref(const vlm_weight_t *w, const float *x, int64_t n_tok, float *y);
 

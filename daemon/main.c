@@ -1,0 +1,314 @@
+/* daemon/main.c - vlmd, the vision-language daemon: init, loop, teardown.
+ *
+ *   init:     parse the flags, route SIGTERM/SIGINT into a self-pipe that
+ *             the I/O thread reads (the handler does nothing else), load
+ *             the model into an engine, bind the sockets,
+ *             start the engine thread, log "vlmd: ready on ...";
+ *   loop:     the I/O thread (this one) serves until a signal has stopped
+ *             admission and every job has ended (daemon/server.c);
+ *   teardown: close the sockets, join the engine, exit 0.
+ *
+ * The engine (daemon/engine.c) owns the model and runs continuous batching
+ * on its own thread; the protocol is in docs/protocol.md.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "core/dtype.h"
+#include "daemon/engine.h"
+#include "daemon/server.h"
+#include "text/chat.h"
+
+#ifndef VLMD_DEFAULT_MODEL_DIR
+#define VLMD_DEFAULT_MODEL_DIR "models/default"
+#endif
+
+/* ==== Options =========================================================== */
+
+typedef struct vlmd_opts {
+    vlm_engine_opts_t engine;
+    vlm_server_opts_t server;
+    char default_text[PATH_MAX];
+    char default_mmproj[PATH_MAX];
+} vlmd_opts_t;
+
+static void usage(FILE *f) {
+    fputs(
+        "usage: vlmd [-m|--model FILE [--mmproj FILE]] [--endpoint EP] [-t|--threads N]\n"
+        "            [--ctx N] [--parallel N] [--queue N] [--image-cache N]\n"
+        "            [--preprocess hf|llamacpp] [--max-pixels N] [--max-image-bytes N]\n"
+        "            [--max-images N] [--grace S] [--reply-timeout S] [--kv-type f16|f32]\n"
+        "            [--template NAME] [--prefill-batch N] [--batch-images] [-h|--help]\n"
+        "\n"
+        "Serves one vision-language model over ZeroMQ (protocol: docs/protocol.md).\n"
+        "\n"
+        "  -m, --model FILE         text model GGUF (LLaMA family); without -m and --mmproj\n"
+        "                           the bundled default model is served (" VLMD_DEFAULT_MODEL_DIR ")\n"
+        "      --mmproj FILE        vision encoder + projector GGUF (omit for text only)\n"
+        "      --endpoint EP        ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555;\n"
+        "                           tcp://127.0.0.1:* picks a free port, ipc://PATH a socket file)\n"
+        "  -t, --threads N          compute threads (default: online CPUs)\n"
+        "      --ctx N              context positions per slot (default min(4096, the model's))\n"
+        "      --parallel N         jobs generating at once, one KV slot each (default 4)\n"
+        "      --queue N            jobs waiting beyond the slots before 'busy' (default 16)\n"
+        "      --image-cache N      projected image embeddings kept (default 32; 0 = off)\n"
+        "      --preprocess MODE    default image preprocessing: hf (default) or llamacpp\n"
+        "      --max-pixels N       largest decoded image, width x height (default 67108864)\n"
+        "      --max-image-bytes N  largest image frame (default 33554432)\n"
+        "      --max-images N       images per request (default 16)\n"
+        "      --grace S            on SIGTERM/SIGINT, running jobs may finish for S seconds\n"
+        "                           (default 10); a second signal ends them at once\n"
+        "      --reply-timeout S    a client that reads nothing for S seconds while its\n"
+        "                           events pile up is dropped and its jobs cancelled (default 30)\n"
+        "      --kv-type TYPE       KV cache type: f16 (default, as llama.cpp) or f32\n"
+        "      --template NAME      chat template for every job: vicuna, llama2, llama3,\n"
+        "                           mistral, chatml, raw (default: the model's, as vlm-run)\n"
+        "      --prefill-batch N    prompt rows per forward pass (default 512, at least 512)\n"
+        "      --batch-images       encode the images of several new jobs in one encoder call:\n"
+        "                           faster under load, but an answer may then differ in the\n"
+        "                           last bits from vlm-run's (default: one image per call)\n"
+        "  -h, --help               this text\n",
+        f);
+}
+
+/* Prints "vlmd: <message>" and returns 1, the exit status. */
+static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("vlmd: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return 1;
+}
+
+static bool parse_long(const char *s, long lo, long hi, long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) return false;
+    *out = v;
+    return true;
+}
+
+static bool parse_seconds(const char *s, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= 0 && v <= 86400.0 * 365)) return false;
+    *out = v;
+    return true;
+}
+
+/* True when arg is the short or long spelling of an option (b may be NULL). */
+static bool is_opt(const char *arg, const char *a, const char *b) {
+    return strcmp(arg, a) == 0 || (b && strcmp(arg, b) == 0);
+}
+
+static bool file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* Parses argv into o. Returns 0 to run, 2 after --help, 1 on a bad flag. */
+static int parse_args(int argc, char **argv, vlmd_opts_t *o) {
+    memset(o, 0, sizeof *o);
+    vlm_engine_opts_default(&o->engine);
+    vlm_server_opts_default(&o->server);
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    o->engine.n_threads = ncpu > 0 ? (int)(ncpu > 256 ? 256 : ncpu) : 1;
+
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        const char *val = NULL;
+        char name[64];
+        const char *eq = strncmp(arg, "--", 2) == 0 ? strchr(arg, '=') : NULL;
+        if (eq && (size_t)(eq - arg) < sizeof name) {
+            memcpy(name, arg, (size_t)(eq - arg));
+            name[eq - arg] = '\0';
+            val = eq + 1;
+            arg = name;
+        }
+#define IS(a, b) is_opt(arg, a, b)
+#define VALUE()                                                                \
+    do {                                                                       \
+        if (!val) {                                                            \
+            if (i + 1 >= argc) return fail("option '%s' needs a value", arg);  \
+            val = argv[++i];                                                   \
+        }                                                                      \
+    } while (0)
+#define INT_OPT(lo, hi, dst)                                                                  \
+    do {                                                                                      \
+        long v_;                                                                              \
+        VALUE();                                                                              \
+        if (!parse_long(val, lo, hi, &v_))                                                    \
+            return fail("%s: expected an integer in %ld..%ld, got '%s'", arg, (long)(lo),     \
+                        (long)(hi), val);                                                     \
+        dst = v_;                                                                             \
+    } while (0)
+        if (IS("-h", "--help")) {
+            usage(stdout);
+            return 2;
+        } else if (IS("-m", "--model")) {
+            VALUE();
+            o->engine.model_path = val;
+        } else if (IS("--mmproj", NULL)) {
+            VALUE();
+            o->engine.mmproj_path = val;
+        } else if (IS("--endpoint", NULL)) {
+            VALUE();
+            o->server.endpoint = val;
+        } else if (IS("-t", "--threads")) {
+            INT_OPT(1, 1024, o->engine.n_threads);
+        } else if (IS("--ctx", NULL)) {
+            INT_OPT(1, INT32_MAX, o->engine.n_ctx);
+        } else if (IS("--parallel", NULL)) {
+            INT_OPT(1, 256, o->engine.n_parallel);
+        } else if (IS("--queue", NULL)) {
+            INT_OPT(0, 65536, o->engine.queue_size);
+        } else if (IS("--image-cache", NULL)) {
+            INT_OPT(0, 1 << 20, o->engine.image_cache);
+        } else if (IS("--preprocess", NULL)) {
+            VALUE();
+            int m = vlm_preprocess_mode_from_name(val);
+            if (m < 0) return fail("--preprocess: expected hf or llamacpp, got '%s'", val);
+            o->engine.preprocess = (vlm_preprocess_mode_t)m;
+        } else if (IS("--max-pixels", NULL)) {
+            INT_OPT(1, LONG_MAX, o->engine.max_pixels);
+        } else if (IS("--max-image-bytes", NULL)) {
+            INT_OPT(1, 1L << 30, o->server.limits.max_image_bytes);
+        } else if (IS("--max-images", NULL)) {
+            INT_OPT(0, 1024, o->server.limits.max_images);
+        } else if (IS("--grace", NULL)) {
+            VALUE();
+            if (!parse_seconds(val, &o->server.grace_s)) return fail("--grace: expected seconds, got '%s'", val);
+        } else if (IS("--reply-timeout", NULL)) {
+            VALUE();
+            if (!parse_seconds(val, &o->server.reply_timeout_s))
+                return fail("--reply-timeout: expected seconds, got '%s'", val);
+        } else if (IS("--kv-type", NULL)) {
+            VALUE();
+            if (strcmp(val, "f16") == 0) o->engine.kv_type = VLM_DTYPE_F16;
+            else if (strcmp(val, "f32") == 0) o->engine.kv_type = VLM_DTYPE_F32;
+            else return fail("--kv-type: expected f16 or f32, got '%s'", val);
+        } else if (IS("--template", NULL)) {
+            VALUE();
+            if (vlm_chat_template_from_name(val) == VLM_CHAT_TEMPLATE_UNKNOWN)
+                return fail("--template: unknown template '%s' (vicuna, llama2, llama3, mistral, chatml, raw)", val);
+            o->engine.template_name = val;
+        } else if (IS("--batch-images", NULL)) {
+            if (val) return fail("option '%s' takes no value", arg);
+            o->engine.batch_images = true;
+        } else if (IS("--prefill-batch", NULL)) {
+            INT_OPT(512, 65536, o->engine.prefill_budget);
+        } else {
+            return fail("unknown option '%s' (see --help)", argv[i]);
+        }
+#undef IS
+#undef VALUE
+#undef INT_OPT
+    }
+    o->engine.max_image_bytes = o->server.limits.max_image_bytes;
+
+    if (!o->engine.model_path && o->engine.mmproj_path)
+        return fail("--mmproj needs -m/--model (the text model GGUF)");
+    if (!o->engine.model_path) {
+        /* The bundled default model. */
+        snprintf(o->default_text, sizeof o->default_text, "%s/text.gguf", VLMD_DEFAULT_MODEL_DIR);
+        snprintf(o->default_mmproj, sizeof o->default_mmproj, "%s/mmproj.gguf", VLMD_DEFAULT_MODEL_DIR);
+        if (!file_exists(o->default_text) || !file_exists(o->default_mmproj))
+            return fail("no model given, and the bundled default model is not installed (%s/text.gguf and "
+                        "mmproj.gguf not found); start vlmd with -m TEXT.gguf --mmproj MMPROJ.gguf",
+                        VLMD_DEFAULT_MODEL_DIR);
+        o->engine.model_path = o->default_text;
+        o->engine.mmproj_path = o->default_mmproj;
+    }
+    return 0;
+}
+
+/* ==== main ============================================================== */
+
+static int signal_pipe[2] = {-1, -1};
+
+/* Async-signal-safe: one byte into the pipe, nothing else. */
+static void on_signal(int sig) {
+    const int saved = errno;
+    const unsigned char b = (unsigned char)sig;
+    if (write(signal_pipe[1], &b, 1) < 0) {
+        /* The pipe is full of earlier signals: this one changes nothing. */
+    }
+    errno = saved;
+}
+
+int main(int argc, char **argv) {
+    /* Init. */
+    vlmd_opts_t opts;
+    int status = parse_args(argc, argv, &opts);
+    if (status) return status == 2 ? 0 : status;
+
+    /* Signals go through a self-pipe: the handler writes the signal number
+     * and the I/O thread reads it. (A signalfd would need the signals
+     * blocked in every thread, and OpenBLAS starts its threads before main.) */
+    if (pipe2(signal_pipe, O_NONBLOCK | O_CLOEXEC) != 0) return fail("pipe: %s", strerror(errno));
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    void *zctx = zmq_ctx_new();
+    vlm_engine_t *engine = NULL;
+    vlm_server_t *server = NULL;
+    vlm_error_t err;
+    vlm_error_clear(&err);
+    if (!zctx) {
+        status = fail("cannot create the ZeroMQ context: %s", zmq_strerror(zmq_errno()));
+        goto teardown;
+    }
+    if (vlm_engine_new(zctx, &opts.engine, &engine, &err) != VLM_OK) {
+        status = fail("%s", err.msg);
+        goto teardown;
+    }
+    if (vlm_server_new(zctx, engine, &opts.server, signal_pipe[0], &server, &err) != VLM_OK) {
+        status = fail("%s", err.msg);
+        goto teardown;
+    }
+    if (vlm_engine_start(engine, &err) != VLM_OK) {
+        status = fail("%s", err.msg);
+        goto teardown;
+    }
+    fprintf(stderr, "vlmd: ready on %s (%s)\n", vlm_server_endpoint(server), vlm_engine_summary(engine));
+    fflush(stderr);
+
+    /* Loop. */
+    vlm_server_run(server);
+
+teardown:
+    /* The engine thread has returned when the loop ends; destroying the
+     * engine joins it. If start-up failed, it was never started. */
+    vlm_server_destroy(&server);
+    vlm_engine_destroy(&engine);
+    if (zctx) zmq_ctx_term(zctx);
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    close(signal_pipe[0]);
+    close(signal_pipe[1]);
+    if (status == 0) fprintf(stderr, "vlmd: stopped\n");
+    return status;
+}
