@@ -615,16 +615,25 @@ static int images_embed(const run_opts_t *o, run_model_t *m, run_images_t *im) {
     }
     im->decode_ms = now_ms() - t0;
 
+    /* One image per encoder call, as vlmd does by default: OpenBLAS's
+     * results depend on the matrix sizes, so encoding images together
+     * would change their embeddings in the last bits, and the answers
+     * would no longer equal the daemon's. */
     t0 = now_ms();
-    rc = vlm_clip_encode_ptrs(m->clip, m->pool, ptrs, n, feat, &err);
-    if (rc != VLM_OK) {
-        status = fail("image encoder: %s", err.msg);
-        goto done;
-    }
-    rc = vlm_projector_apply(m->proj, m->pool, feat, n * hp->n_patches, im->embd, &err);
-    if (rc != VLM_OK) {
-        status = fail("projector: %s", err.msg);
-        goto done;
+    for (int i = 0; i < n; i++) {
+        const size_t feat_rows = (size_t)hp->n_patches;
+        float *img_feat = feat + (size_t)i * feat_rows * (size_t)hp->n_embd_out;
+        rc = vlm_clip_encode_ptrs(m->clip, m->pool, &ptrs[i], 1, img_feat, &err);
+        if (rc != VLM_OK) {
+            status = fail("image encoder: %s", err.msg);
+            goto done;
+        }
+        rc = vlm_projector_apply(m->proj, m->pool, img_feat, hp->n_patches,
+                                 im->embd + (size_t)i * feat_rows * (size_t)m->n_embd, &err);
+        if (rc != VLM_OK) {
+            status = fail("projector: %s", err.msg);
+            goto done;
+        }
     }
     im->encode_ms = now_ms() - t0;
 
