@@ -789,7 +789,11 @@ static void prepare_new(vlm_engine_t *e) {
     }
 
     /* 1. Prompts, cache lookups and the list of images to encode, oldest
-     *    job first. */
+     *    job first. Encoding one image at a time gains nothing from
+     *    preparing many jobs at once, and every image encoded here delays
+     *    the next token of the running jobs: then one job's images per
+     *    iteration, between decode steps. */
+    const int images_per_iteration = e->o.batch_images ? e->o.max_encode_batch : 1;
     int n_items = 0, n_batch = 0;
     for (;;) {
         slot_t *s = NULL;
@@ -800,7 +804,7 @@ static void prepare_new(vlm_engine_t *e) {
             if (x->state == SLOT_NEW && !taken && (!s || x->order < s->order)) s = x;
         }
         if (!s) break;
-        if (n_items > 0 && n_items + s->job->n_images > e->o.max_encode_batch) break;
+        if (n_items > 0 && n_items + s->job->n_images > images_per_iteration) break;
         if (!prompt_prepare(e, s)) continue; /* ended with its error; the slot is free */
         batch[n_batch++] = s;
         const int mode = s->job->req.preprocess >= 0 ? s->job->req.preprocess : (int)e->o.preprocess;

@@ -61,7 +61,7 @@ typedef struct vlm_engine_opts {
     uint32_t kv_type;                  /* VLM_DTYPE_F16 or VLM_DTYPE_F32 */
     const char *template_name;         /* NULL: chosen as vlm-run chooses */
     int32_t prefill_budget;            /* prompt rows per forward pass; >= 512 */
-    int max_encode_batch;              /* images prepared per engine iteration */
+    int max_encode_batch;              /* images prepared per engine iteration (batch_images) */
     bool batch_images;                 /* encode the pending images of several jobs in one
                                         * CLIP call (faster; not bit-exact, see above) */
 } vlm_engine_opts_t;

@@ -49,7 +49,8 @@ static void usage(FILE *f) {
         "usage: vlmd [-m|--model FILE [--mmproj FILE]] [--endpoint EP] [-t|--threads N]\n"
         "            [--ctx N] [--parallel N] [--queue N] [--image-cache N]\n"
         "            [--preprocess hf|llamacpp] [--max-pixels N] [--max-image-bytes N]\n"
-        "            [--max-images N] [--grace S] [--reply-timeout S] [--kv-type f16|f32]\n"
+        "            [--max-images N] [--grace S] [--reply-timeout S] [--heartbeat MS]\n"
+        "            [--kv-type f16|f32]\n"
         "            [--template NAME] [--prefill-batch N] [--batch-images] [-h|--help]\n"
         "\n"
         "Serves one vision-language model over ZeroMQ (protocol: docs/protocol.md).\n"
@@ -72,6 +73,8 @@ static void usage(FILE *f) {
         "                           (default 10); a second signal ends them at once\n"
         "      --reply-timeout S    a client that reads nothing for S seconds while its\n"
         "                           events pile up is dropped and its jobs cancelled (default 30)\n"
+        "      --heartbeat MS       ZMTP heartbeat interval; a client silent for 3 intervals is\n"
+        "                           disconnected and its jobs cancelled (default 5000; 0 = off)\n"
         "      --kv-type TYPE       KV cache type: f16 (default, as llama.cpp) or f32\n"
         "      --template NAME      chat template for every job: vicuna, llama2, llama3,\n"
         "                           mistral, chatml, raw (default: the model's, as vlm-run)\n"
@@ -199,6 +202,8 @@ static int parse_args(int argc, char **argv, vlmd_opts_t *o) {
             VALUE();
             if (!parse_seconds(val, &o->server.reply_timeout_s))
                 return fail("--reply-timeout: expected seconds, got '%s'", val);
+        } else if (IS("--heartbeat", NULL)) {
+            INT_OPT(0, 3600000, o->server.heartbeat_ms);
         } else if (IS("--kv-type", NULL)) {
             VALUE();
             if (strcmp(val, "f16") == 0) o->engine.kv_type = VLM_DTYPE_F16;

@@ -18,9 +18,10 @@
  *     in a per-client backlog, so the I/O thread never blocks on a slow
  *     client.
  *
- * Shutdown: a SIGTERM or SIGINT (one byte each from main's self-pipe) stops admission
- * (generate gets shutting_down, health says "stopping") and tells the engine
- * to stop with the grace period; a second signal ends every job at once.
+ * Shutdown: a SIGTERM or SIGINT (one byte each from main's self-pipe)
+ * stops admission (generate gets shutting_down, health says "stopping") and
+ * tells the engine to stop with the grace period; a second signal ends every
+ * job at once.
  * vlm_server_run() returns once the engine has ended every job and their
  * final events have been sent.
  */

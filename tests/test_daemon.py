@@ -22,7 +22,8 @@ What it checks:
   - the image-embedding cache: the same image twice is encoded once;
   - cancel mid-stream and while queued; a client killed mid-stream (and one
     killed while waiting for a non-streamed answer) has its job cancelled
-    and the daemon keeps serving; busy when the slots and queue are full;
+    and the daemon keeps serving; a client that hangs (SIGSTOP) is dropped
+    by the ZMTP heartbeats; busy when the slots and queue are full;
   - every bad request gets its error code, and health stays ok afterwards;
   - SIGTERM with jobs in flight: every job ends with exactly one done or
     error event and the daemon exits 0, with and without a grace period;
@@ -511,12 +512,20 @@ import json, sys, zmq
 ep, stream = sys.argv[1], sys.argv[2] == "1"
 s = zmq.Context().socket(zmq.DEALER)
 s.connect(ep)
-hdr = {"v": 1, "id": "victim", "op": "generate", "prompt": sys.argv[3], "max_tokens": int(sys.argv[4]),
-       "stream": stream}
-s.send_multipart([json.dumps(hdr).encode(), open(sys.argv[5], "rb").read()])
-if stream:
-    s.poll(30000)
-    s.recv()
+for k in range(int(sys.argv[6]) if len(sys.argv) > 6 else 1):
+    hdr = {"v": 1, "id": f"victim{k}", "op": "generate", "prompt": sys.argv[3], "max_tokens": int(sys.argv[4]),
+           "stream": stream}
+    s.send_multipart([json.dumps(hdr).encode(), open(sys.argv[5], "rb").read()])
+# A health round trip on the same connection: once it is answered, the
+# jobs (sent before it) have reached the daemon.
+s.send(json.dumps({"v": 1, "id": "ping", "op": "health"}).encode())
+seen_health = seen_token = False
+while not (seen_health and (seen_token or not stream)):
+    if not s.poll(30000):
+        break
+    ev = json.loads(s.recv())
+    seen_health |= ev["id"] == "ping"
+    seen_token |= ev["event"] == "token"
 print("started", flush=True)
 import time
 time.sleep(60)
@@ -550,6 +559,37 @@ def test_killed_client(c, d):
               f"{used} tokens generated of {LONG_N}, clients_gone {st.get('clients_gone')}")
     done = c.ask(gen("after-kill", "what is this?", 8), [read("exact.png")])
     check("a new job runs after the killed clients", done is not None and done["event"] == "done")
+
+
+def test_hung_client():
+    """A client that stops answering without closing its connection (here
+    SIGSTOP) is found by the heartbeats, and its jobs are cancelled."""
+    d = Daemon("--parallel", "1", "--queue", "4", "--heartbeat", "50")
+    c = Client(d.endpoint)
+    n_jobs = 3
+    p = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, d.endpoint, "0", LONG_PROMPT, str(LONG_N),
+                          os.path.join(CASE, LONG_IMAGE), str(n_jobs)], stdout=subprocess.PIPE, text=True)
+    try:
+        holder = []
+        t = threading.Thread(target=lambda: holder.append(p.stdout.readline()), daemon=True)
+        t.start()
+        t.join(30)
+        os.kill(p.pid, signal.SIGSTOP)
+        time.sleep(0.05)
+        h = wait_idle(c, 20)
+        st = stats(c)
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+        p.kill()
+        p.wait(10)
+    used = st.get("tokens_generated", 0)
+    check("a hung client (SIGSTOP) is dropped by the heartbeats, its jobs cancelled",
+          holder and holder[0].startswith("started") and h and h["active"] == 0 and h["queued"] == 0 and
+          used < n_jobs * LONG_N and st.get("clients_gone", 0) >= 1,
+          f"{used} tokens of {n_jobs} x {LONG_N}, clients_gone {st.get('clients_gone')}")
+    check("and the daemon still serves", health_ok(c))
+    c.close()
+    check("heartbeat daemon stops with status 0", d.stop() == 0)
 
 
 def png_header_only(w, h):
@@ -755,9 +795,15 @@ def main():
         timed(test_shutdown, 10)
         timed(test_shutdown, 0)
         timed(test_ipc)
+        timed(test_hung_client)
     finally:
         for d in daemons:
             d.kill()
+    for d in daemons:
+        d.reader.join(5)
+    reports = [l for d in daemons for l in d.lines
+               if "runtime error" in l or "Sanitizer" in l or "vlmd: internal" in l]
+    check("no sanitizer reports in the daemons' stderr", not reports, " | ".join(reports[:3]))
     print(f"{passed} passed, {failed} failed ({time.monotonic() - t0:.1f} s)")
     return 1 if failed else 0
 

@@ -220,8 +220,12 @@ vlm_client_t *vlm_client_new(const char *endpoint, const vlm_client_opts_t *opts
     c->sock = zmq_socket(c->ctx, ZMQ_DEALER);
     if (!c->sock) goto fail_sock;
     const int one = 1, linger = LINGER_MS;
-    const int hb_ivl = c->timeout_ms / 4 > 100 ? c->timeout_ms / 4 : 100;
-    const int hb_timeout = c->timeout_ms;
+    /* ZMTP heartbeats drop a connection whose peer vanished without a word
+     * (the monitor then fails its jobs); the daemon's I/O thread answers
+     * them even while it computes. Kept above a second or two so a loaded
+     * machine does not drop a healthy daemon. */
+    const int hb_ivl = c->timeout_ms / 4 > 500 ? c->timeout_ms / 4 : 500;
+    const int hb_timeout = c->timeout_ms > 2000 ? c->timeout_ms : 2000;
     zmq_setsockopt(c->sock, ZMQ_IMMEDIATE, &one, sizeof one);
     zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(c->sock, ZMQ_HEARTBEAT_IVL, &hb_ivl, sizeof hb_ivl);

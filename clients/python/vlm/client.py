@@ -199,8 +199,11 @@ class Client:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.setsockopt(zmq.LINGER, 200)
-        self._sock.setsockopt(zmq.HEARTBEAT_IVL, max(ms // 4, 100))
-        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ms)
+        # ZMTP heartbeats drop a connection whose peer vanished silently
+        # (the monitor then fails its requests); kept above a second or two
+        # so a loaded machine does not drop a healthy daemon.
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, max(ms // 4, 500))
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ms, 2000))
         self._mon = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         try:
             self._sock.connect(self.endpoint)
@@ -268,6 +271,8 @@ class Client:
                 self._sock.poll(min(left, 0.1) * 1000, zmq.POLLOUT)
 
     def _send_cancel_nowait(self, target):
+        if self._sock is None:
+            return
         try:
             self._send({"v": PROTO_VERSION, "id": self._next_id("c"), "op": "cancel", "target": target},
                        wait=False)
