@@ -8,12 +8,22 @@
  * with 1 and 2 threads. Decode cycles through copies of the weight (160 MiB
  * in all) so that it reads from memory, as a real model's layers do, not
  * from the L3. Weights are prepared (vlm_weight_prepare: panels for
- * quantized types, an f32 copy for F16) as the decoder does. The values are
- * random rows quantized once and repeated: speed does not depend on them.
+ * quantized types; nothing for float types) as the decoder does. The values
+ * are random rows quantized once and repeated: speed does not depend on them.
  *
  * usage: bench_matmul [-t 1,2] [-T q4_0,q8_0,q4_k,q6_k,f16] [-s all|small]
  *                     [-p 512] [-r reps] [--raw]
  *   --raw   also time unprepared weights (ggml layout, no panels)
+ *   --fast  prepare with VLM_WEIGHT_PREPARE_FAST_ORDER (not ggml's summation
+ *           order, faster prefill); the default is ggml's order
+ *   --sgemm prepare with VLM_WEIGHT_PREPARE_SGEMM (float weights: OpenBLAS
+ *           for 16 tokens or more)
+ *   -f      instead, float weights (f32, f16, bf16; -T picks among them) on
+ *           2048x2048 and 5632x2048 at n_tok = 1, 16 and -p: GFLOP/s of our
+ *           tinyBLAS-order kernels and of the OpenBLAS path
+ *           (VLM_WEIGHT_PREPARE_SGEMM), next to the cblas_sgemm peak on
+ *           2048^3 with the same threads. Weights stay in the L3 / L2 here
+ *           (one copy), so n_tok = 1 measures the kernel, not memory.
  *   -m T    instead, every matmul of a TinyLlama-1.1B forward step with file
  *           type T (q4_0, q8_0 or q4_k_m mixes as llama-quantize makes them):
  *           decode tok/s and prefill tok/s of the matmuls alone
@@ -56,6 +66,7 @@ static const type_opt_t types[] = {
 };
 
 static uint64_t rng = 0x2545F4914F6CDD1Dull;
+static int prep_flags = 0; /* --fast adds VLM_WEIGHT_PREPARE_FAST_ORDER, --sgemm VLM_WEIGHT_PREPARE_SGEMM */
 static float frand(void) {
     rng ^= rng << 13;
     rng ^= rng >> 7;
@@ -191,13 +202,13 @@ static int tl_build(tl_model_t *m, const char *ftype) {
             if (!strcmp(ftype, "q8_0")) type = VLM_DTYPE_Q8_0;
             else if (!strcmp(ftype, "q4_k_m")) type = (k == 2 || k == 6) && tl_more_bits(l) ? VLM_DTYPE_Q6_K : VLM_DTYPE_Q4_K;
             m->data[l][k] = make_weight(&m->w[l][k], &m->t[l][k], type, shp[k][0], shp[k][1]);
-            if (!m->data[l][k] || vlm_weight_prepare(&m->w[l][k], 0, &extra, &err) != VLM_OK) return -1;
+            if (!m->data[l][k] || vlm_weight_prepare(&m->w[l][k], prep_flags, &extra, &err) != VLM_OK) return -1;
             m->bytes += extra ? extra : m->t[l][k].nbytes;
         }
     }
     const uint32_t ot = !strcmp(ftype, "q8_0") ? VLM_DTYPE_Q8_0 : VLM_DTYPE_Q6_K;
     m->out_data = make_weight(&m->out, &m->out_t, ot, TL_VOCAB, TL_EMBD);
-    if (!m->out_data || vlm_weight_prepare(&m->out, 0, &extra, &err) != VLM_OK) return -1;
+    if (!m->out_data || vlm_weight_prepare(&m->out, prep_flags, &extra, &err) != VLM_OK) return -1;
     m->bytes += extra ? extra : m->out_t.nbytes;
     return 0;
 }
@@ -270,6 +281,76 @@ static int tl_bench(const char *ftype, const int *threads, int n_threads_opts, i
     return 0;
 }
 
+/* ==== Float mode: our kernels against OpenBLAS ========================== */
+
+/* Whether name is one of the comma-separated items of list. */
+static int in_list(const char *list, const char *name) {
+    const size_t n = strlen(name);
+    for (const char *p = list; p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL)
+        if (!strncmp(p, name, n) && (p[n] == ',' || p[n] == 0)) return 1;
+    return 0;
+}
+
+static int float_bench(const char *type_list, const int *threads, int n_threads_opts, int64_t n_prefill, int reps) {
+    static const type_opt_t ftypes[] = {{"f32", VLM_DTYPE_F32}, {"f16", VLM_DTYPE_F16}, {"bf16", VLM_DTYPE_BF16}};
+    const int64_t toks[] = {1, 16, n_prefill};
+    float *x = malloc((size_t)n_prefill * 5632 * sizeof *x);
+    float *y = malloc((size_t)n_prefill * 5632 * sizeof *y);
+    if (!x || !y) return 1;
+    for (int64_t i = 0; i < n_prefill * 5632; i++) x[i] = frand();
+    for (int ti = 0; ti < n_threads_opts; ti++) {
+        const int nt = threads[ti];
+        vlm_pool_t *pool = vlm_pool_new(nt);
+        if (!pool) return 1;
+        vlm_limits_t lim;
+        vlm_error_t err;
+        vlm_limits_describe_cpu(&lim);
+        if (vlm_limits_measure_sgemm(&lim, nt, 2048, reps, &err) != VLM_OK) {
+            fprintf(stderr, "bench_matmul: %s\n", err.msg);
+            return 1;
+        }
+        printf("\n## %d thread%s: cblas_sgemm 2048^3 peak %.1f GFLOP/s (median %.1f)\n", nt, nt > 1 ? "s" : "",
+               lim.sgemm_gflops, lim.sgemm_median_gflops);
+        printf("%-20s %-5s %6s | %12s %6s | %12s %6s | %s\n", "shape", "type", "n_tok", "ours GFLOP/s", "%peak",
+               "sgemm GFLOP/s", "%peak", "ours/sgemm");
+        for (int si = 0; si < 2; si++) {
+            const shape_t *s = &shapes[si == 0 ? 0 : 1];
+            for (size_t k = 0; k < sizeof ftypes / sizeof ftypes[0]; k++) {
+                if (!in_list(type_list, ftypes[k].name)) continue;
+                vlm_weight_t w;
+                vlm_gguf_tensor_t t;
+                uint8_t *data = make_weight(&w, &t, ftypes[k].type, s->n_out, s->n_in);
+                if (!data) return 1;
+                for (size_t q = 0; q < sizeof toks / sizeof toks[0]; q++) {
+                    const int64_t n_tok = toks[q];
+                    const int r = n_tok == 1 ? reps * 20 : reps;
+                    const double flop = 2.0 * (double)s->n_out * (double)s->n_in * (double)n_tok;
+                    vlm_weight_release(&w);
+                    const double t_ours = time_matmul(pool, &w, x, n_tok, y, r);
+                    size_t extra;
+                    if (vlm_weight_prepare(&w, VLM_WEIGHT_PREPARE_SGEMM, &extra, &err) != VLM_OK) {
+                        fprintf(stderr, "bench_matmul: %s\n", err.msg);
+                        return 1;
+                    }
+                    const double t_blas = time_matmul(pool, &w, x, n_tok, y, r);
+                    vlm_weight_release(&w);
+                    const double g_ours = flop / t_ours * 1e-9, g_blas = flop / t_blas * 1e-9;
+                    printf("%-20s %-5s %6lld | %12.1f %5.0f%% | %12.1f %5.0f%% | %.2f%s\n", s->name, ftypes[k].name,
+                           (long long)n_tok, g_ours, 100 * g_ours / lim.sgemm_gflops, g_blas,
+                           100 * g_blas / lim.sgemm_gflops, g_ours / g_blas,
+                           n_tok < 16 ? "  (both ours: sgemm from 16)" : "");
+                    fflush(stdout);
+                }
+                free(data);
+            }
+        }
+        vlm_pool_destroy(&pool);
+    }
+    free(x);
+    free(y);
+    return 0;
+}
+
 static int parse_list_int(const char *s, int *out, int max) {
     int n = 0;
     while (*s && n < max) {
@@ -287,6 +368,7 @@ int main(int argc, char **argv) {
     int n_shapes = 4, reps = 5, raw = 0;
     const char *model = NULL;
     int64_t n_prefill = 512;
+    int float_mode = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-t") && i + 1 < argc) n_threads_opts = parse_list_int(argv[++i], threads, 4);
         else if (!strcmp(argv[i], "-T") && i + 1 < argc) type_list = argv[++i];
@@ -294,20 +376,26 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "-p") && i + 1 < argc) n_prefill = atoll(argv[++i]);
         else if (!strcmp(argv[i], "-r") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--raw")) raw = 1;
+        else if (!strcmp(argv[i], "--fast")) prep_flags |= VLM_WEIGHT_PREPARE_FAST_ORDER;
+        else if (!strcmp(argv[i], "--sgemm")) prep_flags |= VLM_WEIGHT_PREPARE_SGEMM;
+        else if (!strcmp(argv[i], "-f")) float_mode = 1;
         else if (!strcmp(argv[i], "-m") && i + 1 < argc) model = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [-t 1,2] [-T q4_0,q8_0,q4_k,q6_k,f16] [-s all|small] [-p 512] [-r reps] [--raw] [-m q4_0|q8_0|q4_k_m]\n",
+            fprintf(stderr, "usage: %s [-t 1,2] [-T q4_0,q8_0,q4_k,q6_k,f16] [-s all|small] [-p 512] [-r reps] [--raw] [--fast] [--sgemm] [-f] [-m q4_0|q8_0|q4_k_m]\n",
                     argv[0]);
             return 2;
         }
     }
-    printf("# bench_matmul: ISA %s, decode n_tok=1, prefill n_tok=%lld, best of %d\n", vlm_isa_name(vlm_isa_best()),
-           (long long)n_prefill, reps);
+    printf("# bench_matmul: ISA %s, decode n_tok=1, prefill n_tok=%lld, best of %d, %s summation order\n",
+           vlm_isa_name(vlm_isa_best()), (long long)n_prefill, reps,
+           prep_flags & VLM_WEIGHT_PREPARE_FAST_ORDER ? "fast" : "ggml's");
     vlm_limits_t lim;
     vlm_limits_describe_cpu(&lim);
     printf("# cpu: %s (%s), openblas core %s\n", lim.cpu_model, lim.uarch, lim.blas_core);
 
     if (model) return tl_bench(model, threads, n_threads_opts, n_prefill, reps);
+    if (float_mode) return float_bench(strcmp(type_list, "q4_0,q8_0,q4_k,q6_k,f16") ? type_list : "f32,f16,bf16",
+                                       threads, n_threads_opts, n_prefill, reps);
 
     float *x = malloc((size_t)n_prefill * 5632 * sizeof *x);
     float *y = malloc((size_t)n_prefill * 32000 * sizeof *y);
@@ -347,7 +435,7 @@ int main(int argc, char **argv) {
                 for (int prepared = raw ? 0 : 1; prepared <= 1; prepared++) {
                     size_t extra = 0;
                     for (int c = 0; prepared && c < n_copies; c++) {
-                        if (vlm_weight_prepare(&w[c], VLM_WEIGHT_PREPARE_SGEMM_F32, &extra, &err) != VLM_OK) {
+                        if (vlm_weight_prepare(&w[c], prep_flags, &extra, &err) != VLM_OK) {
                             fprintf(stderr, "bench_matmul: %s\n", err.msg);
                             return 1;
                         }

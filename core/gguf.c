@@ -592,6 +592,19 @@ size_t vlm_gguf_file_size(const vlm_gguf_t *g) { return g->size; }
 
 size_t vlm_gguf_data_offset(const vlm_gguf_t *g) { return g->data_offset; }
 
+int vlm_gguf_release_range(const vlm_gguf_t *g, const void *ptr, size_t n) {
+    if (!g->map || n == 0) return VLM_OK; /* a borrowed buffer is not ours to drop */
+    const uintptr_t base = (uintptr_t)g->map, p = (uintptr_t)ptr;
+    if (p < base || p - base > g->map_len || n > g->map_len - (p - base)) return VLM_ERR_INVALID_ARG;
+    const long ps = sysconf(_SC_PAGESIZE);
+    const uintptr_t page = ps > 0 ? (uintptr_t)ps : 4096u;
+    const uintptr_t lo = (p + page - 1) & ~(page - 1), hi = (p + n) & ~(page - 1);
+    if (hi <= lo) return VLM_OK;
+    /* Private, read-only, never written: the pages are dropped, and a later
+     * read faults them in from the file again. */
+    return madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0 ? VLM_OK : VLM_ERR_IO;
+}
+
 size_t vlm_gguf_n_kv(const vlm_gguf_t *g) { return g->n_kv; }
 
 const vlm_gguf_kv_t *vlm_gguf_kv_at(const vlm_gguf_t *g, size_t i) {

@@ -94,6 +94,15 @@ size_t vlm_gguf_file_size(const vlm_gguf_t *g);
  * tensor infos rounded up to the alignment). */
 size_t vlm_gguf_data_offset(const vlm_gguf_t *g);
 
+/* Drops the file pages of [ptr, ptr + n), which must lie inside g's
+ * mapping, from the process's resident memory (madvise MADV_DONTNEED on the
+ * whole pages inside the range; pages shared with neighbouring data stay).
+ * For data copied elsewhere at load time, such as repacked weights: a later
+ * read still works, it reads the file again. A no-op for readers made by
+ * vlm_gguf_open_buffer(). Returns VLM_OK, VLM_ERR_INVALID_ARG for a range
+ * outside the mapping, or VLM_ERR_IO if madvise fails. */
+int vlm_gguf_release_range(const vlm_gguf_t *g, const void *ptr, size_t n);
+
 /* --- metadata --------------------------------------------------------- */
 
 size_t vlm_gguf_n_kv(const vlm_gguf_t *g);

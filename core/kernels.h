@@ -17,6 +17,17 @@
  * Activations for panel kernels are quantized exactly as ggml does (Q8_0,
  * Q8_1 or Q8_K values, bit for bit) and then stored "planar" (vlm__qact_t) so
  * a kernel can broadcast 4 bytes or one scale with a single load.
+ *
+ * Summation order. The integer sums are exact, but float sums depend on
+ * their order, and llama.cpp's logits on quantized models are only
+ * reproduced bit for bit when every dot product adds its float terms in
+ * ggml's order (a last-bit difference flips some int8 activation roundings
+ * in the next layer). The `panel` kernels therefore follow ggml's order for
+ * each type (c392e50, x86 AVX2/AVX-512 build): Q4_0 as its repacked 8x8
+ * gemv/gemm, Q8_0/Q5_0 as vec_dot/tinyBLAS (8 float lanes of 4 products
+ * each, then ggml's horizontal sum), Q4_1/Q5_1/Q4_K/Q5_K/Q6_K as their AVX2
+ * vec_dot. `panel_fast` kernels sum each block's integer total once, which
+ * is about twice as fast for prefill but not bit-identical to llama.cpp.
  */
 #ifndef VLM_CORE_KERNELS_H
 #define VLM_CORE_KERNELS_H
@@ -36,6 +47,8 @@ typedef struct vlm__qact {
     const float *d;         /* [n_tok][n_in/32] scale of each 32-block (Q8_K: the 256-block's d repeated) */
     const int32_t *corr;    /* [n_tok][n_corr] -offset * sum(qs) per sub-block (offset types), else NULL */
     const float *ds;        /* [n_tok][n_in/32] min-term factor per 32-block: Q8_1 s, or d*sum(qs) for Q8_K; else NULL */
+    const int32_t *lane_corr; /* [n_tok][n_in/4] -offset * sum of each 4 values (ggml-order kernels), or NULL */
+    const int32_t *spair;   /* [n_tok][n_in/64] Q8_K 32-sums S_2l, S_2l+1 as two int16 (ggml-order Q4_K/Q5_K) */
     int64_t n_in;
     int64_t n_corr;         /* sub-blocks per row in corr: n_in/32, or n_in/16 for Q6_K */
 } vlm__qact_t;
@@ -56,7 +69,8 @@ typedef struct vlm__kernel_table {
     vlm__widen_fn widen[VLM_DTYPE_COUNT];         /* F16/BF16 rows to f32 (exact) */
     int panel_rows;                               /* NR, 0 when there are no panel kernels */
     bool panel_q8_0_signed;                       /* Q8_0 panels keep signed quants (else q ^ 0x80) */
-    vlm__panel_fn panel[VLM_DTYPE_COUNT];         /* by weight type; NULL = no panel kernel */
+    vlm__panel_fn panel[VLM_DTYPE_COUNT];         /* by weight type, ggml's summation order; NULL = none */
+    vlm__panel_fn panel_fast[VLM_DTYPE_COUNT];    /* by weight type, faster, another summation order */
 } vlm__kernel_table_t;
 
 extern const vlm__kernel_table_t vlm__kernels_scalar;

@@ -7,4 +7,5 @@
  */
 #define VLM_K_AVX512 0
 #define VLM_K_TABLE vlm__kernels_avx2
+#define VLM_K_FGEMM vlm__fgemm_avx2
 #include "kernels_x86.h"

@@ -8,4 +8,5 @@
  */
 #define VLM_K_AVX512 1
 #define VLM_K_TABLE vlm__kernels_avx512
+#define VLM_K_FGEMM vlm__fgemm_avx512
 #include "kernels_x86.h"

@@ -3,19 +3,23 @@
  * kernels_avx2.c includes this file with VLM_K_AVX512 = 0 (AVX2 + FMA +
  * F16C) and kernels_avx512.c with VLM_K_AVX512 = 1 (AVX-512 F/BW/VL/DQ +
  * VNNI). Everything here is static except the kernel table at the end, whose
- * name the includer chooses with VLM_K_TABLE. Three kinds of kernels:
+ * name the includer chooses with VLM_K_TABLE, and the float GEMM named by
+ * VLM_K_FGEMM. Four kinds of kernels:
  *
  * 1. Activation converters, bit-exact with ggml's x86 CPU backend (and with
  *    the scalar ones in quant.c, which tests check): Q8_0/Q8_1 as ggml's
  *    AVX2 quantize_row_q8_0/q8_1, Q8_K as quantize_row_q8_K_ref, F16 with
  *    F16C round-to-nearest-even.
- * 2. Dot kernels on ggml's own block layout (vlm_vec_dot_fn), 256 bits wide.
- *    The integer sum inside a block is exact; only the float accumulation
- *    order differs from the scalar reference.
+ * 2. Dot kernels on ggml's own block layout (vlm_vec_dot_fn), 256 bits wide,
+ *    with ggml's AVX2 vec_dot structure, so their results are bit-identical
+ *    to llama.cpp's (the scalar reference differs by float rounding).
  * 3. Panel kernels (see kernels.h): NR rows of a repacked weight times up to
  *    TMAX tokens at once. The per-type panel layouts are written by
- *    vlm__panel_pack() in matmul.c; each kernel below restates the layout it
- *    reads.
+ *    panel_pack() in matmul.c; each kernel below restates the layout it
+ *    reads. Two sets: ggml's summation order (bit-identical to llama.cpp,
+ *    the default) and a faster one (see kernels.h).
+ * 4. The GEMM for F32 / F16 / BF16 weights in llamafile tinyBLAS's
+ *    summation order (fgemm_x86.h, entry point named VLM_K_FGEMM).
  *
  * The "dpbusd" step (4 u8 x s8 products summed into an int32 lane) is one
  * VNNI instruction on AVX-512 and maddubs + madd on AVX2; the latter
@@ -520,6 +524,14 @@ typedef __m512 vf_t;
 #define VF_LOAD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define VF_LOAD_U8(p) _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #define VF_LOAD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define VF_ADD(a, b) _mm512_add_ps(a, b)
+#define VI_ADD(a, b) _mm512_add_epi32(a, b)
+#define VI_MULLO(a, b) _mm512_mullo_epi32(a, b)
+#define VI_MADDUBS(u, s) _mm512_maddubs_epi16(u, s)
+#define VI_DPWSSD(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#define VI_ZX8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define VI_SX8(p) _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define TX 2 /* tokens per tile of the ggml-order kernels */
 K_INLINE void vf_store_n(float *y, vf_t v, int n) {
     if (n == NR) _mm512_storeu_ps(y, v);
     else _mm512_mask_storeu_ps(y, (__mmask16)((1u << n) - 1), v);
@@ -549,6 +561,14 @@ typedef __m256 vf_t;
 #define VF_LOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #define VF_LOAD_U8(p) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 #define VF_LOAD_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define VF_ADD(a, b) _mm256_add_ps(a, b)
+#define VI_ADD(a, b) _mm256_add_epi32(a, b)
+#define VI_MULLO(a, b) _mm256_mullo_epi32(a, b)
+#define VI_MADDUBS(u, s) _mm256_maddubs_epi16(u, s)
+#define VI_DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define VI_ZX8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define VI_SX8(p) _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define TX 1
 K_INLINE void vf_store_n(float *y, vf_t v, int n) {
     if (n == NR) {
         _mm256_storeu_ps(y, v);
@@ -879,14 +899,344 @@ K_INLINE void tile_q6_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int 
         if (t < end) tile(p, A, t, 1, y + (t - t0) * ldy, ldy, nvalid);                            \
     }
 
-DEFINE_PANEL(panel_q4_0, tile_q4_0)
-DEFINE_PANEL(panel_q4_1, tile_q4_1)
-DEFINE_PANEL(panel_q5_0, tile_q5_0)
-DEFINE_PANEL(panel_q5_1, tile_q5_1)
-DEFINE_PANEL(panel_q8_0, tile_q8_0)
-DEFINE_PANEL(panel_q4_K, tile_q4_K)
-DEFINE_PANEL(panel_q5_K, tile_q5_K)
-DEFINE_PANEL(panel_q6_K, tile_q6_K)
+DEFINE_PANEL(panel_q4_0, tile_q4_0) /* also ggml's order: that of its repacked Q4_0 8x8 kernels */
+DEFINE_PANEL(fast_q4_1, tile_q4_1)
+DEFINE_PANEL(fast_q5_0, tile_q5_0)
+DEFINE_PANEL(fast_q5_1, tile_q5_1)
+DEFINE_PANEL(fast_q8_0, tile_q8_0)
+DEFINE_PANEL(fast_q4_K, tile_q4_K)
+DEFINE_PANEL(fast_q5_K, tile_q5_K)
+DEFINE_PANEL(fast_q6_K, tile_q6_K)
+
+/* ==== Panel kernels in ggml's summation order ============================ */
+
+/* ggml's hsum_float_8 of a vector whose lane i is x[i]: ((x0 + x4) +
+ * (x2 + x6)) + ((x1 + x5) + (x3 + x7)); here lane r of every x[i] is row r. */
+K_INLINE vf_t hsum8_lanes(const vf_t x[8]) {
+    const vf_t a0 = VF_ADD(x[0], x[4]), a1 = VF_ADD(x[1], x[5]);
+    const vf_t a2 = VF_ADD(x[2], x[6]), a3 = VF_ADD(x[3], x[7]);
+    return VF_ADD(VF_ADD(a0, a2), VF_ADD(a1, a3));
+}
+
+/* Q4_1 / Q5_0 / Q5_1 / Q8_0 in ggml's vec_dot (and tinyBLAS) order: for
+ * each row 8 float lanes, lane k += (d_w * d_a) * (sum of the 4 products of
+ * elements 4k..4k+3 of the block), one fma per block; Q4_1/Q5_1 add
+ * m_w * s_a into a separate float (an fma in ggml's build); at the end ggml's
+ * horizontal sum. Offsets (Q5_0: 16, Q8_0: 128 in the q + 128 layout) are
+ * removed per lane with lane_corr. */
+K_INLINE void tile_lanes32(const int type, const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y,
+                           int64_t ldy, int nvalid) {
+    vf_t acc[TX][8], summ[TX];
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < 8; k++) acc[t][k] = VF_ZERO();
+        summ[t] = VF_ZERO();
+    }
+    const vi_t m4 = VI_SET1B(0x0F);
+    const int has_m = type == VLM_DTYPE_Q4_1 || type == VLM_DTYPE_Q5_1;
+    const size_t head = type == VLM_DTYPE_Q8_0 ? 2 * NR : type == VLM_DTYPE_Q4_1 ? 4 * NR
+                      : type == VLM_DTYPE_Q5_0 ? 6 * NR : 8 * NR;
+    const size_t bbytes = head + (type == VLM_DTYPE_Q8_0 ? 8 : 4) * GB;
+    const int64_t nb = A->n_in / 32;
+    for (int64_t b = 0; b < nb; b++, p += bbytes) {
+        prefetch_bytes(p, bbytes, T);
+        const vf_t dw = VF_LOAD_F16(p);
+        const vf_t mw = has_m ? VF_LOAD_F16(p + 2 * NR) : VF_ZERO();
+        const uint8_t *q = p + head;
+        vi_t W[8];
+        if (type == VLM_DTYPE_Q8_0) {
+            for (int k = 0; k < 8; k++) {
+                W[k] = VI_LOAD(q + k * GB);
+#if !VLM_K_AVX512
+                W[k] = _mm256_sign_epi8(W[k], W[k]);
+#endif
+            }
+        } else {
+            const vi_t h = type == VLM_DTYPE_Q5_0 ? VI_LOAD(p + 2 * NR) : type == VLM_DTYPE_Q5_1 ? VI_LOAD(p + 4 * NR)
+                                                                                                : VI_ZERO();
+            for (int k = 0; k < 4; k++) {
+                const vi_t r = VI_LOAD(q + k * GB);
+                W[k] = VI_AND(r, m4);
+                W[k + 4] = VI_AND(VI_SRL16(r, 4), m4);
+                if (type == VLM_DTYPE_Q5_0 || type == VLM_DTYPE_Q5_1) {
+                    W[k] = VI_OR(W[k], q5_hbits(h, k));
+                    W[k + 4] = VI_OR(W[k + 4], q5_hbits(h, k + 4));
+                }
+            }
+        }
+        const int use_corr = type == VLM_DTYPE_Q5_0 || (type == VLM_DTYPE_Q8_0 && VLM_K_AVX512);
+#pragma GCC unroll 2
+        for (int t = 0; t < T; t++) {
+            const int8_t *a = ACT_QS(A, t0 + t) + 32 * b;
+            const int32_t *lc = use_corr ? A->lane_corr + (t0 + t) * (A->n_in / 4) + 8 * b : NULL;
+            const vf_t dv = VF_MUL(dw, VF_SET1(ACT_D(A, t0 + t)[b]));
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) {
+                vi_t s;
+#if !VLM_K_AVX512
+                if (type == VLM_DTYPE_Q8_0)
+                    s = VI_DPBUSD(VI_ZERO(), W[k], _mm256_sign_epi8(VI_SET1(ld32(a + 4 * k)), VI_LOAD(q + k * GB)));
+                else
+#endif
+                    s = VI_DPBUSD(use_corr ? VI_SET1(lc[k]) : VI_ZERO(), W[k], VI_SET1(ld32(a + 4 * k)));
+                acc[t][k] = VF_FMA(dv, VF_CVT(s), acc[t][k]);
+            }
+            if (has_m) summ[t] = VF_FMA(mw, VF_SET1(ACT_DS(A, t0 + t)[b]), summ[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        vf_t r = hsum8_lanes(acc[t]);
+        if (has_m) r = VF_ADD(r, summ[t]);
+        vf_store_n(y + t * ldy, r, nvalid);
+    }
+}
+
+/* Q4_K / Q5_K / Q6_K in the order of ggml's AVX2 vec_dot: per 256-block, 8
+ * int32 lanes per row (lane k sums, over the 8 groups of 32, scale times the
+ * 4 products of elements 4k..4k+3), then lane k += (d_a * d_w) * lane, one
+ * fma per block. Q4_K's mins go into 4 float lanes (m_2l S_2l + m_2l+1
+ * S_2l+1 times -d_a * dmin_w), Q5_K's into one (a contracted fma in ggml's
+ * build); Q6_K's -32 offsets are removed per lane with lane_corr. The scale
+ * products use vpmaddubsw + vpdpwssd (Q4_K/Q5_K) or vpmulld (Q6_K). */
+K_INLINE void tile_xk(const int type, const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y,
+                      int64_t ldy, int nvalid) {
+    vf_t acc[TX][8], accm[TX][4];
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < 8; k++) acc[t][k] = VF_ZERO();
+        for (int l = 0; l < 4; l++) accm[t][l] = VF_ZERO();
+    }
+    const vi_t m4 = VI_SET1B(0x0F);
+    const vi_t m2 = VI_SET1B(0x30);
+    const vi_t b4 = VI_SET1B(0x10);
+    const size_t sbytes = type == VLM_DTYPE_Q4_K ? 20 * NR + 32 * GB : type == VLM_DTYPE_Q5_K ? 20 * NR + 40 * GB
+                                                                                            : 18 * NR + 48 * GB;
+    const int64_t nsb = A->n_in / VLM_QK_K;
+    for (int64_t ib = 0; ib < nsb; ib++, p += sbytes) {
+        prefetch_bytes(p, sbytes, T);
+        vi_t sumi[TX][8];
+        float da[TX];
+        const int8_t *abase[TX];
+        for (int t = 0; t < T; t++) {
+            for (int k = 0; k < 8; k++) sumi[t][k] = VI_ZERO();
+            da[t] = ACT_D(A, t0 + t)[8 * ib];
+            abase[t] = ACT_QS(A, t0 + t) + VLM_QK_K * ib;
+        }
+        const vf_t dw = VF_LOAD_F16(p);
+        if (type == VLM_DTYPE_Q6_K) {
+            const int8_t *sc = (const int8_t *)(p + 2 * NR);
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ga = p + 18 * NR + h * 24 * GB, *gb = ga + 8 * GB, *gh = ga + 16 * GB;
+                for (int qi = 0; qi < 4; qi++) {
+                    vi_t W[8];
+                    for (int k = 0; k < 8; k++) {
+                        const vi_t src = VI_LOAD((qi & 1 ? gb : ga) + k * GB);
+                        const vi_t lo = qi < 2 ? VI_AND(src, m4) : VI_AND(VI_SRL16(src, 4), m4);
+                        const vi_t hr = VI_LOAD(gh + k * GB);
+                        const vi_t hi = qi == 0 ? VI_SLL16(hr, 4) : qi == 1 ? VI_SLL16(hr, 2) : qi == 2 ? hr : VI_SRL16(hr, 2);
+                        W[k] = VI_OR(lo, VI_AND(hi, m2));
+                    }
+                    const int s16 = 8 * h + 2 * qi;
+                    const vi_t sc0 = VI_SX8(sc + s16 * NR), sc1 = VI_SX8(sc + (s16 + 1) * NR);
+#pragma GCC unroll 2
+                    for (int t = 0; t < T; t++) {
+                        const int8_t *a = abase[t] + 128 * h + 32 * qi;
+                        const int32_t *lc = A->lane_corr + (t0 + t) * (A->n_in / 4) + 64 * ib + 32 * h + 8 * qi;
+#pragma GCC unroll 8
+                        for (int k = 0; k < 8; k++) {
+                            const vi_t s = VI_DPBUSD(VI_SET1(lc[k]), W[k], VI_SET1(ld32(a + 4 * k)));
+                            sumi[t][k] = VI_ADD(sumi[t][k], VI_MULLO(s, k < 4 ? sc0 : sc1));
+                        }
+                    }
+                }
+            }
+        } else {
+            const vf_t dminw = VF_LOAD_F16(p + 2 * NR);
+            const uint8_t *sc = p + 4 * NR, *mn = p + 12 * NR, *qh = p + 20 * NR;
+            const uint8_t *q = p + 20 * NR + (type == VLM_DTYPE_Q5_K ? 8 * GB : 0);
+            for (int j = 0; j < 8; j++) {
+                const vi_t s8 = VI_ZX8(sc + j * NR);
+                const vi_t sc16 = VI_OR(s8, VI_SLL32(s8, 16)); /* (sc, sc) as two int16 */
+                vi_t W[8];
+                for (int k = 0; k < 8; k++) {
+                    const vi_t r = VI_LOAD(q + (8 * (j / 2) + k) * GB);
+                    W[k] = (j & 1) ? VI_AND(VI_SRL16(r, 4), m4) : VI_AND(r, m4);
+                    if (type == VLM_DTYPE_Q5_K) {
+                        const vi_t hh = VI_LOAD(qh + k * GB);
+                        W[k] = VI_OR(W[k], VI_AND(j <= 4 ? VI_SLL32(hh, 4 - j) : VI_SRL32(hh, j - 4), b4));
+                    }
+                }
+#pragma GCC unroll 2
+                for (int t = 0; t < T; t++) {
+                    const int8_t *a = abase[t] + 32 * j;
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++)
+                        sumi[t][k] = VI_DPWSSD(sumi[t][k], VI_MADDUBS(W[k], VI_SET1(ld32(a + 4 * k))), sc16);
+                }
+            }
+            /* mins: lane (m_2l, m_2l+1) as two int16 times (S_2l, S_2l+1) */
+            vi_t psum[TX];
+            for (int t = 0; t < T; t++) psum[t] = VI_ZERO();
+            for (int l = 0; l < 4; l++) {
+                const vi_t mp = VI_OR(VI_ZX8(mn + 2 * l * NR), VI_SLL32(VI_ZX8(mn + (2 * l + 1) * NR), 16));
+                for (int t = 0; t < T; t++) {
+                    const int32_t *sp = A->spair + (t0 + t) * (A->n_in / 64) + 4 * ib;
+                    const vi_t prod = VI_DPWSSD(VI_ZERO(), mp, VI_SET1(sp[l]));
+                    if (type == VLM_DTYPE_Q4_K)
+                        accm[t][l] = VF_FMA(VF_MUL(dminw, VF_SET1(-da[t])), VF_CVT(prod), accm[t][l]);
+                    else
+                        psum[t] = VI_ADD(psum[t], prod);
+                }
+            }
+            if (type == VLM_DTYPE_Q5_K)
+                for (int t = 0; t < T; t++)
+                    accm[t][0] = VF_FMA(VF_MUL(dminw, VF_SET1(-da[t])), VF_CVT(psum[t]), accm[t][0]);
+        }
+        for (int t = 0; t < T; t++) {
+            const vf_t dv = VF_MUL(dw, VF_SET1(da[t]));
+            for (int k = 0; k < 8; k++) acc[t][k] = VF_FMA(dv, VF_CVT(sumi[t][k]), acc[t][k]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        vf_t r = hsum8_lanes(acc[t]);
+        if (type == VLM_DTYPE_Q4_K) r = VF_ADD(r, VF_ADD(VF_ADD(accm[t][0], accm[t][2]), VF_ADD(accm[t][1], accm[t][3])));
+        else if (type == VLM_DTYPE_Q5_K) r = VF_ADD(r, accm[t][0]);
+        vf_store_n(y + t * ldy, r, nvalid);
+    }
+}
+
+/* The same sums as tile_xk for batches: each 256-block of the panel is
+ * unpacked once into an L1 buffer (8 x 8 groups, the scale vectors, the
+ * mins), then every token of the tile streams over it, so the unpacking is
+ * shared by T tokens while each token keeps only its 8 int32 lane sums in
+ * registers. The float lane accumulators live in a small stack array. */
+K_INLINE void tile_xk_buf(const int type, const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y,
+                          int64_t ldy, int nvalid) {
+    vf_t accs[TMAX][12]; /* per token: 8 lanes, then 4 min lanes (Q4_K) or 1 (Q5_K) */
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < 12; k++) accs[t][k] = VF_ZERO();
+    vi_t Wb[64], scv[16], mp[4];
+    const vi_t m4 = VI_SET1B(0x0F);
+    const vi_t m2 = VI_SET1B(0x30);
+    const vi_t b4 = VI_SET1B(0x10);
+    const size_t sbytes = type == VLM_DTYPE_Q4_K ? 20 * NR + 32 * GB : type == VLM_DTYPE_Q5_K ? 20 * NR + 40 * GB
+                                                                                            : 18 * NR + 48 * GB;
+    const int64_t nsb = A->n_in / VLM_QK_K;
+    for (int64_t ib = 0; ib < nsb; ib++, p += sbytes) {
+        const vf_t dw = VF_LOAD_F16(p);
+        vf_t dminw = VF_ZERO();
+        /* unpack: Wb[8g + k] is chunk k of 32-group g (sub-block g, or quarter g of Q6_K) */
+        if (type == VLM_DTYPE_Q6_K) {
+            const int8_t *sc = (const int8_t *)(p + 2 * NR);
+            for (int i = 0; i < 16; i++) scv[i] = VI_SX8(sc + i * NR);
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ga = p + 18 * NR + h * 24 * GB, *gb = ga + 8 * GB, *gh = ga + 16 * GB;
+                for (int qi = 0; qi < 4; qi++)
+                    for (int k = 0; k < 8; k++) {
+                        const vi_t src = VI_LOAD((qi & 1 ? gb : ga) + k * GB);
+                        const vi_t lo = qi < 2 ? VI_AND(src, m4) : VI_AND(VI_SRL16(src, 4), m4);
+                        const vi_t hr = VI_LOAD(gh + k * GB);
+                        const vi_t hi = qi == 0 ? VI_SLL16(hr, 4) : qi == 1 ? VI_SLL16(hr, 2) : qi == 2 ? hr : VI_SRL16(hr, 2);
+                        Wb[8 * (4 * h + qi) + k] = VI_OR(lo, VI_AND(hi, m2));
+                    }
+            }
+        } else {
+            dminw = VF_LOAD_F16(p + 2 * NR);
+            const uint8_t *sc = p + 4 * NR, *mn = p + 12 * NR, *qh = p + 20 * NR;
+            const uint8_t *q = p + 20 * NR + (type == VLM_DTYPE_Q5_K ? 8 * GB : 0);
+            for (int j = 0; j < 8; j++) {
+                const vi_t s8 = VI_ZX8(sc + j * NR);
+                scv[j] = VI_OR(s8, VI_SLL32(s8, 16));
+                for (int k = 0; k < 8; k++) {
+                    const vi_t r = VI_LOAD(q + (8 * (j / 2) + k) * GB);
+                    vi_t w = (j & 1) ? VI_AND(VI_SRL16(r, 4), m4) : VI_AND(r, m4);
+                    if (type == VLM_DTYPE_Q5_K) {
+                        const vi_t hh = VI_LOAD(qh + k * GB);
+                        w = VI_OR(w, VI_AND(j <= 4 ? VI_SLL32(hh, 4 - j) : VI_SRL32(hh, j - 4), b4));
+                    }
+                    Wb[8 * j + k] = w;
+                }
+            }
+            for (int l = 0; l < 4; l++)
+                mp[l] = VI_OR(VI_ZX8(mn + 2 * l * NR), VI_SLL32(VI_ZX8(mn + (2 * l + 1) * NR), 16));
+        }
+        for (int t = 0; t < T; t++) {
+            const int8_t *a = ACT_QS(A, t0 + t) + VLM_QK_K * ib;
+            const float da = ACT_D(A, t0 + t)[8 * ib];
+            vi_t sumi[8];
+            for (int k = 0; k < 8; k++) sumi[k] = VI_ZERO();
+            if (type == VLM_DTYPE_Q6_K) {
+                const int32_t *lc = A->lane_corr + (t0 + t) * (A->n_in / 4) + 64 * ib;
+                for (int g = 0; g < 8; g++)
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++) {
+                        const vi_t sv = VI_DPBUSD(VI_SET1(lc[8 * g + k]), Wb[8 * g + k], VI_SET1(ld32(a + 32 * g + 4 * k)));
+                        sumi[k] = VI_ADD(sumi[k], VI_MULLO(sv, scv[2 * g + (k >= 4)]));
+                    }
+            } else {
+                for (int g = 0; g < 8; g++)
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++)
+                        sumi[k] = VI_DPWSSD(sumi[k], VI_MADDUBS(Wb[8 * g + k], VI_SET1(ld32(a + 32 * g + 4 * k))), scv[g]);
+                const int32_t *sp = A->spair + (t0 + t) * (A->n_in / 64) + 4 * ib;
+                const vf_t dminv = VF_MUL(dminw, VF_SET1(-da));
+                if (type == VLM_DTYPE_Q4_K) {
+                    for (int l = 0; l < 4; l++)
+                        accs[t][8 + l] = VF_FMA(dminv, VF_CVT(VI_DPWSSD(VI_ZERO(), mp[l], VI_SET1(sp[l]))), accs[t][8 + l]);
+                } else {
+                    vi_t ps = VI_ZERO();
+                    for (int l = 0; l < 4; l++) ps = VI_ADD(ps, VI_DPWSSD(VI_ZERO(), mp[l], VI_SET1(sp[l])));
+                    accs[t][8] = VF_FMA(dminv, VF_CVT(ps), accs[t][8]);
+                }
+            }
+            const vf_t dv = VF_MUL(dw, VF_SET1(da));
+            for (int k = 0; k < 8; k++) accs[t][k] = VF_FMA(dv, VF_CVT(sumi[k]), accs[t][k]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        vf_t r = hsum8_lanes(accs[t]);
+        if (type == VLM_DTYPE_Q4_K) r = VF_ADD(r, VF_ADD(VF_ADD(accs[t][8], accs[t][10]), VF_ADD(accs[t][9], accs[t][11])));
+        else if (type == VLM_DTYPE_Q5_K) r = VF_ADD(r, accs[t][8]);
+        vf_store_n(y + t * ldy, r, nvalid);
+    }
+}
+
+#define DEFINE_PANEL_X(name, tile, type)                                                          \
+    static void name(const void *panel, const vlm__qact_t *A, int64_t t0, int64_t nt, float *y,   \
+                     int64_t ldy, int nvalid) {                                                    \
+        const uint8_t *p = panel;                                                                  \
+        int64_t t = t0;                                                                            \
+        const int64_t end = t0 + nt;                                                               \
+        for (; t + TX <= end; t += TX) tile(type, p, A, t, TX, y + (t - t0) * ldy, ldy, nvalid);  \
+        if (t < end) tile(type, p, A, t, 1, y + (t - t0) * ldy, ldy, nvalid);                      \
+    }
+
+/* K-quants: the register kernel for 1-2 tokens (decoding streams the panel
+ * once), the buffered one for batches. */
+#define DEFINE_PANEL_XK(name, type)                                                               \
+    static void name(const void *panel, const vlm__qact_t *A, int64_t t0, int64_t nt, float *y,   \
+                     int64_t ldy, int nvalid) {                                                    \
+        const uint8_t *p = panel;                                                                  \
+        if (nt <= TX) {                                                                            \
+            if (nt == TX) tile_xk(type, p, A, t0, TX, y, ldy, nvalid);                             \
+            else tile_xk(type, p, A, t0, 1, y, ldy, nvalid);                                       \
+            return;                                                                                \
+        }                                                                                          \
+        int64_t t = t0;                                                                            \
+        const int64_t end = t0 + nt;                                                               \
+        for (; t + TMAX <= end; t += TMAX) tile_xk_buf(type, p, A, t, TMAX, y + (t - t0) * ldy, ldy, nvalid); \
+        if (t < end) tile_xk_buf(type, p, A, t, (int)(end - t), y + (t - t0) * ldy, ldy, nvalid); \
+    }
+
+DEFINE_PANEL_X(panel_q4_1, tile_lanes32, VLM_DTYPE_Q4_1)
+DEFINE_PANEL_X(panel_q5_0, tile_lanes32, VLM_DTYPE_Q5_0)
+DEFINE_PANEL_X(panel_q5_1, tile_lanes32, VLM_DTYPE_Q5_1)
+DEFINE_PANEL_X(panel_q8_0, tile_lanes32, VLM_DTYPE_Q8_0)
+DEFINE_PANEL_XK(panel_q4_K, VLM_DTYPE_Q4_K)
+DEFINE_PANEL_XK(panel_q5_K, VLM_DTYPE_Q5_K)
+DEFINE_PANEL_XK(panel_q6_K, VLM_DTYPE_Q6_K)
+
+/* ==== Float weights: GEMM in tinyBLAS's order ========================= */
+
+#include "fgemm_x86.h"
 
 const vlm__kernel_table_t VLM_K_TABLE = {
 #if VLM_K_AVX512
@@ -914,5 +1264,10 @@ const vlm__kernel_table_t VLM_K_TABLE = {
         [VLM_DTYPE_Q4_0] = panel_q4_0, [VLM_DTYPE_Q4_1] = panel_q4_1, [VLM_DTYPE_Q5_0] = panel_q5_0,
         [VLM_DTYPE_Q5_1] = panel_q5_1, [VLM_DTYPE_Q8_0] = panel_q8_0, [VLM_DTYPE_Q4_K] = panel_q4_K,
         [VLM_DTYPE_Q5_K] = panel_q5_K, [VLM_DTYPE_Q6_K] = panel_q6_K,
+    },
+    .panel_fast = {
+        [VLM_DTYPE_Q4_0] = panel_q4_0, [VLM_DTYPE_Q4_1] = fast_q4_1, [VLM_DTYPE_Q5_0] = fast_q5_0,
+        [VLM_DTYPE_Q5_1] = fast_q5_1, [VLM_DTYPE_Q8_0] = fast_q8_0, [VLM_DTYPE_Q4_K] = fast_q4_K,
+        [VLM_DTYPE_Q5_K] = fast_q5_K, [VLM_DTYPE_Q6_K] = fast_q6_K,
     },
 };

@@ -5,7 +5,9 @@
  *
  * Quantized weights. X is first converted, row by row, to the weight's
  * vec_dot type exactly as ggml's CPU backend does (Q8_0, Q8_1 or Q8_K), so
- * the integer products are the ones llama.cpp computes. Then:
+ * the integer products are the ones llama.cpp computes, and every kernel
+ * adds the float terms in ggml's order (kernels.h), so the outputs are the
+ * ones llama.cpp computes, bit for bit. Then:
  *  - With panels (vlm_weight_prepare, or packed on the fly for batches of
  *    PANEL_MIN_TOK tokens or more) the weight is read as panels of NR rows
  *    (kernels.h) and each panel kernel computes an NR x tokens tile of Y.
@@ -15,17 +17,24 @@
  *  - Otherwise the dot kernels run on ggml's block layout, one weight row at
  *    a time against every token (the row stays in L1).
  *
- * Float weights. Small batches convert X to the weight's float type (f16 or
- * bf16 rounding, as ggml) and use the dot kernels. Batches of SGEMM_MIN_TOK
- * or more use OpenBLAS cblas_sgemm on f32 weights (the prepared copy, or
- * panels of rows widened into scratch) with X rounded the same way; sgemm is
- * only called from the calling thread, never inside a pool section.
+ * Float weights (F32 / F16 / BF16). X is rounded to the weight's float type
+ * (f16 or bf16, as ggml's from_float) and laid out for the fgemm kernels
+ * (fgemm.h), which add every output's terms in llamafile tinyBLAS's order at
+ * every batch size: batch-invariant, and bit-identical to llama.cpp's
+ * batched products. Threads split the rows in groups of FLOAT_ROWS; for
+ * batches of FLOAT_SPLIT_MIN_TOK or more each thread also gets scratch that
+ * lets the kernels block long rows. Only weights prepared with
+ * VLM_WEIGHT_PREPARE_SGEMM take OpenBLAS cblas_sgemm instead, for batches of
+ * SGEMM_MIN_TOK or more (F16 / BF16 weights through their prepared f32 copy),
+ * with X rounded the same way; sgemm is only called from the calling thread,
+ * never inside a pool section.
  *
  * One call (vlm_matmul, or vlm_matmul_multi for several weights sharing X)
- * runs as: 1. convert X once per distinct activation format ("act sets"),
- * split by tokens across the pool; 2. one parallel section in which each
- * thread takes a contiguous range of all the weights' panels / row groups;
- * 3. sgemm for float weights with large batches, from the caller's thread.
+ * runs as: 1. convert X once per distinct activation format ("act sets",
+ * and "float sets" for the fgemm layout), split by tokens across the pool;
+ * 2. one parallel section in which each thread takes a contiguous range of
+ * all the weights' panels / row groups; 3. sgemm for the weights that opted
+ * into it, from the caller's thread.
  *
  * Scratch memory is allocated per call and freed before returning, so two
  * threads may multiply concurrently with different pools.
@@ -33,35 +42,45 @@
 #include "matmul.h"
 
 #include <cblas.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
 #include "dtype.h"
 #include "error.h"
+#include "fgemm.h"
 #include "kernels.h"
 #include "quant.h"
 
 enum {
-    SGEMM_MIN_TOK = 16,      /* float weights: sgemm from this many tokens */
+    SGEMM_MIN_TOK = 16,      /* VLM_WEIGHT_PREPARE_SGEMM weights: sgemm from this many tokens */
     PANEL_MIN_TOK = 8,       /* unprepared quantized weights: pack panels on the fly from here */
-    SGEMM_PANEL_FLOATS = 1 << 20, /* f32 weight panel for sgemm without a prepared copy: 4 MiB */
+    FLOAT_ROWS = 16,         /* float weights: rows per unit of work */
+    FLOAT_SPLIT_MIN_TOK = 16, /* float weights: give the kernels scratch to split long rows from here */
     ACT_BLOCK_BYTES = 256 << 10,  /* quantized activations of one token block (L2-sized) */
 };
 
 /* What vlm_weight_prepare() made (w->priv). */
 typedef struct matmul_priv {
     const vlm__kernel_table_t *kern; /* the ISA the panels are packed for (NULL for F32 copies) */
+    bool fast;                       /* use the faster, non-ggml summation order */
     void *mem;                       /* anonymous mapping */
     size_t bytes;
     size_t panel_bytes;              /* one panel of NR rows */
     int64_t n_panels;
-    float *f32;                      /* [n_out][n_in] widened copy of F16/BF16 weights, or NULL */
+    bool sgemm;                      /* float weight prepared with VLM_WEIGHT_PREPARE_SGEMM */
+    float *f32;                      /* [n_out][n_in] sgemm: widened copy of F16/BF16 weights, or NULL */
 } matmul_priv_t;
 
 static bool is_float_type(uint32_t t) {
     return t == VLM_DTYPE_F32 || t == VLM_DTYPE_F16 || t == VLM_DTYPE_BF16;
 }
+
+/* ggml repacks Q4_0 weights into 8-row interleaved blocks (and so sums in
+ * that order, which our Q4_0 panels reproduce) only when the row count is a
+ * multiple of 8; other Q4_0 weights go through its vec_dot order. */
+static bool q4_0_unpacked_in_ggml(const vlm_weight_t *w) { return w->type == VLM_DTYPE_Q4_0 && w->n_out % 8 != 0; }
 
 static void *scratch_alloc(size_t bytes) {
     return aligned_alloc(64, (bytes + 63) & ~(size_t)63);
@@ -294,15 +313,24 @@ int vlm__weight_prepare_isa(vlm_weight_t *w, int flags, vlm_isa_t isa, size_t *e
     if (extra_bytes) *extra_bytes = 0;
     vlm_weight_release(w);
     const vlm__kernel_table_t *k = vlm__kernels_get(isa);
-    const bool panels = !is_float_type(w->type) && k->panel_rows > 0 && k->panel[w->type] != NULL;
-    const bool widen = (w->type == VLM_DTYPE_F16 || w->type == VLM_DTYPE_BF16) &&
-                       (flags & VLM_WEIGHT_PREPARE_SGEMM_F32);
-    if (!panels && !widen) return VLM_OK;
+    const bool fast = (flags & VLM_WEIGHT_PREPARE_FAST_ORDER) != 0;
+    const bool panels = !is_float_type(w->type) && k->panel_rows > 0 && k->panel[w->type] != NULL &&
+                        (fast || !q4_0_unpacked_in_ggml(w));
+    const bool sgemm = is_float_type(w->type) && (flags & VLM_WEIGHT_PREPARE_SGEMM);
+    const bool widen = sgemm && w->type != VLM_DTYPE_F32;
+    if (!panels && !sgemm) return VLM_OK;
 
     matmul_priv_t *p = calloc(1, sizeof *p);
     if (!p) return vlm_error_set(err, VLM_ERR_NOMEM, "%s: out of memory preparing the weight", w->name);
+    p->sgemm = sgemm;
+    if (sgemm && !widen) {
+        /* F32 for sgemm: only the flag, no copy */
+        w->priv = p;
+        return VLM_OK;
+    }
     if (panels) {
         p->kern = k;
+        p->fast = fast;
         p->panel_bytes = panel_bytes_for(w->type, k->panel_rows, w->n_in);
         p->n_panels = (w->n_out + k->panel_rows - 1) / k->panel_rows;
         p->bytes = p->panel_bytes * (size_t)p->n_panels;
@@ -342,10 +370,19 @@ enum {
     PATH_PANEL, /* prepared panels */
     PATH_PACK,  /* panels packed on the fly, one at a time, per thread */
     PATH_DOT,   /* dot kernels on ggml's layout */
-    PATH_SGEMM, /* float weights, large batch: cblas_sgemm after the pool sections */
+    PATH_FLOAT, /* float weights: fgemm kernels (tinyBLAS's order) */
+    PATH_SGEMM, /* float weights prepared for sgemm, large batch: cblas_sgemm after the pool sections */
 };
 
-enum { DOT_ROWS = 16, MAX_ACT_SETS = 8 };
+enum { DOT_ROWS = 16, MAX_ACT_SETS = 8, MAX_FLOAT_SETS = 3 };
+
+/* X in the fgemm layout of one float type (fgemm.h), shared by every
+ * weight of the call of that type. */
+typedef struct float_set {
+    uint32_t type;       /* VLM_DTYPE_F32, F16 or BF16 */
+    int64_t ldx;         /* row stride in floats: k_pad, plus 16 when that is a multiple of 1024 */
+    float *x;            /* [n_tok][ldx] */
+} float_set_t;
 
 /* One conversion of X, shared by every weight of the call that consumes
  * the same thing. */
@@ -353,8 +390,9 @@ typedef struct act_set {
     uint32_t vtype;      /* vec_dot type */
     bool planar;         /* planar (panel kernels) or ggml blocks (dot kernels) */
     int corr_offset;     /* planar: -offset * sum(q) per sub-block, 0 = none */
+    int lane_offset;     /* planar: -offset * sum(q) per 4 values (ggml-order kernels), 0 = none */
     bool need_ds;        /* planar: min-term factors */
-    bool q8_signed;      /* planar: which panel layout it serves (kept apart for clarity) */
+    bool need_spair;     /* planar: Q8_K 32-sums as int16 pairs (ggml-order Q4_K/Q5_K) */
     int64_t n_corr;      /* planar: sub-blocks per row in corr */
     size_t vrow;         /* row_size(vtype, n_in) */
     uint8_t *blocks;     /* !planar: [n_tok][vrow] */
@@ -362,6 +400,8 @@ typedef struct act_set {
     int8_t *qs;          /* [n_tok][n_in] */
     float *d, *ds;       /* [n_tok][n_in/32] */
     int32_t *corr;       /* [n_tok][n_corr] */
+    int32_t *lane_corr;  /* [n_tok][n_in/4] */
+    int32_t *spair;      /* [n_tok][n_in/64] */
 } act_set_t;
 
 typedef struct mm_item {
@@ -369,11 +409,14 @@ typedef struct mm_item {
     float *y;                        /* [n_tok][n_out] */
     int path;
     const vlm__kernel_table_t *kern; /* PANEL / PACK: the panel kernels */
+    vlm__panel_fn panel;             /* PANEL / PACK: kern->panel or kern->panel_fast */
+    bool fast;
     const matmul_priv_t *priv;       /* PANEL */
     vlm_vec_dot_fn dot;              /* DOT */
-    int act;                         /* its act_set, -1 for SGEMM */
+    vlm__fgemm_fn fgemm;             /* FLOAT */
+    int act;                         /* its act_set (PANEL / PACK / DOT) or float_set (FLOAT), -1 for SGEMM */
     size_t panel_bytes;
-    int64_t n_units;                 /* panels, or groups of DOT_ROWS rows */
+    int64_t n_units;                 /* panels, or groups of DOT_ROWS / FLOAT_ROWS rows */
 } mm_item_t;
 
 typedef struct mm_call {
@@ -381,24 +424,38 @@ typedef struct mm_call {
     int n_items;
     act_set_t sets[MAX_ACT_SETS];
     int n_sets;
+    float_set_t fsets[MAX_FLOAT_SETS];
+    int n_fsets;
     const vlm__kernel_table_t *kern; /* activation converters */
     const float *x;                  /* [n_tok][n_in] */
     int64_t n_tok, n_in;
     int64_t tok_block;               /* tokens per block for prepared panels */
     int64_t n_units;                 /* sum of the items' units */
-    uint8_t *tmp;                    /* [n_threads][max vrow]: one row of blocks per thread */
+    uint8_t *tmp;                    /* [n_threads][tmp_stride]: one row of blocks (or of f16) per thread */
     size_t tmp_stride;
     uint8_t *pack;                   /* [n_threads][pack_stride]: PACK panels */
     size_t pack_stride;
+    float *lanes;                    /* [n_threads][VLM__FGEMM_LANES_FLOATS] fgemm scratch, or NULL */
 } mm_call_t;
 
-static int corr_offset(uint32_t wtype, const vlm__kernel_table_t *k) {
-    switch (wtype) {
-    case VLM_DTYPE_Q4_0: return 8;
-    case VLM_DTYPE_Q5_0: return 16;
-    case VLM_DTYPE_Q8_0: return k->panel_q8_0_signed ? 0 : 128;
-    case VLM_DTYPE_Q6_K: return 32;
-    default: return 0;
+/* What a panel kernel needs besides qs and d (kernels_x86.h): the fast
+ * kernels take one offset correction per sub-block and float min factors;
+ * the ggml-order ones a correction per 4 values or the Q8_K sum pairs. */
+static void act_needs(act_set_t *want, uint32_t wt, const vlm__kernel_table_t *k, bool fast, int64_t n_in) {
+    const bool q8_unsigned = !k->panel_q8_0_signed;
+    want->n_corr = n_in / 32;
+    if (wt == VLM_DTYPE_Q4_0) {
+        want->corr_offset = 8; /* both orders: the whole block's integer sum */
+    } else if (fast) {
+        want->corr_offset = wt == VLM_DTYPE_Q5_0 ? 16 : wt == VLM_DTYPE_Q8_0 && q8_unsigned ? 128
+                          : wt == VLM_DTYPE_Q6_K ? 32 : 0;
+        if (wt == VLM_DTYPE_Q6_K) want->n_corr = n_in / 16;
+        want->need_ds = wt == VLM_DTYPE_Q4_1 || wt == VLM_DTYPE_Q5_1 || wt == VLM_DTYPE_Q4_K || wt == VLM_DTYPE_Q5_K;
+    } else {
+        want->lane_offset = wt == VLM_DTYPE_Q5_0 ? 16 : wt == VLM_DTYPE_Q8_0 && q8_unsigned ? 128
+                          : wt == VLM_DTYPE_Q6_K ? 32 : 0;
+        want->need_ds = wt == VLM_DTYPE_Q4_1 || wt == VLM_DTYPE_Q5_1;
+        want->need_spair = wt == VLM_DTYPE_Q4_K || wt == VLM_DTYPE_Q5_K;
     }
 }
 
@@ -408,22 +465,30 @@ static int act_set_for(mm_call_t *c, const mm_item_t *it) {
     const uint32_t wt = it->w->type;
     want.vtype = vlm_dtype_vec_dot_type(wt);
     want.planar = it->path == PATH_PANEL || it->path == PATH_PACK;
-    if (want.planar) {
-        want.corr_offset = corr_offset(wt, it->kern);
-        want.need_ds = wt == VLM_DTYPE_Q4_1 || wt == VLM_DTYPE_Q5_1 || wt == VLM_DTYPE_Q4_K || wt == VLM_DTYPE_Q5_K;
-        want.q8_signed = it->kern->panel_q8_0_signed;
-        want.n_corr = wt == VLM_DTYPE_Q6_K ? c->n_in / 16 : c->n_in / 32;
-    }
+    if (want.planar) act_needs(&want, wt, it->kern, it->fast, c->n_in);
     for (int i = 0; i < c->n_sets; i++) {
         const act_set_t *s = &c->sets[i];
         if (s->vtype == want.vtype && s->planar == want.planar && s->corr_offset == want.corr_offset &&
-            s->need_ds == want.need_ds && s->q8_signed == want.q8_signed && s->n_corr == want.n_corr)
+            s->lane_offset == want.lane_offset && s->need_ds == want.need_ds &&
+            s->need_spair == want.need_spair && s->n_corr == want.n_corr)
             return i;
     }
     VLM_ASSERT(c->n_sets < MAX_ACT_SETS);
     want.vrow = vlm_dtype_row_size(want.vtype, c->n_in);
     c->sets[c->n_sets] = want;
     return c->n_sets++;
+}
+
+/* Returns the index of the float set for weight type t, adding it. */
+static int float_set_for(mm_call_t *c, uint32_t t) {
+    for (int i = 0; i < c->n_fsets; i++)
+        if (c->fsets[i].type == t) return i;
+    VLM_ASSERT(c->n_fsets < MAX_FLOAT_SETS);
+    const int step = VLM__FGEMM_STEP(t);
+    int64_t ldx = (c->n_in + step - 1) / step * step;
+    if (ldx % 1024 == 0) ldx += 16; /* rows 4 KiB apart would share L1 sets */
+    c->fsets[c->n_fsets] = (float_set_t){.type = t, .ldx = ldx};
+    return c->n_fsets++;
 }
 
 static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -440,15 +505,23 @@ static uint8_t *call_alloc(mm_call_t *c, int nth) {
             total += align64(nt * (size_t)c->n_in) + align64(nt * nb32 * sizeof(float));
             if (s->need_ds) total += align64(nt * nb32 * sizeof(float));
             if (s->corr_offset) total += align64(nt * (size_t)s->n_corr * sizeof(int32_t));
+            if (s->lane_offset) total += align64(nt * (size_t)(c->n_in / 4) * sizeof(int32_t));
+            if (s->need_spair) total += align64(nt * (size_t)(c->n_in / 64) * sizeof(int32_t));
         } else {
             total += align64(nt * s->vrow);
         }
+    }
+    for (int i = 0; i < c->n_fsets; i++) {
+        total += align64(nt * (size_t)c->fsets[i].ldx * sizeof(float));
+        if (c->fsets[i].type == VLM_DTYPE_F16 && (size_t)c->n_in * 2 > max_vrow) max_vrow = (size_t)c->n_in * 2;
     }
     for (int i = 0; i < c->n_items; i++)
         if (c->items[i].path == PATH_PACK && c->items[i].panel_bytes > max_panel) max_panel = c->items[i].panel_bytes;
     c->tmp_stride = align64(max_vrow);
     c->pack_stride = align64(max_panel);
     total += (size_t)nth * (c->tmp_stride + c->pack_stride);
+    const bool lanes = c->n_fsets > 0 && c->n_tok >= FLOAT_SPLIT_MIN_TOK && c->kern->isa != VLM_ISA_SCALAR;
+    if (lanes) total += (size_t)nth * VLM__FGEMM_LANES_FLOATS * sizeof(float);
     uint8_t *mem = scratch_alloc(total ? total : 64);
     if (!mem) return NULL;
     uint8_t *p = mem;
@@ -467,24 +540,62 @@ static uint8_t *call_alloc(mm_call_t *c, int nth) {
                 s->corr = (int32_t *)p;
                 p += align64(nt * (size_t)s->n_corr * sizeof(int32_t));
             }
-            s->act = (vlm__qact_t){.qs = s->qs, .d = s->d, .corr = s->corr, .ds = s->ds, .n_in = c->n_in,
-                                   .n_corr = s->n_corr};
+            if (s->lane_offset) {
+                s->lane_corr = (int32_t *)p;
+                p += align64(nt * (size_t)(c->n_in / 4) * sizeof(int32_t));
+            }
+            if (s->need_spair) {
+                s->spair = (int32_t *)p;
+                p += align64(nt * (size_t)(c->n_in / 64) * sizeof(int32_t));
+            }
+            s->act = (vlm__qact_t){.qs = s->qs, .d = s->d, .corr = s->corr, .ds = s->ds, .lane_corr = s->lane_corr,
+                                   .spair = s->spair, .n_in = c->n_in, .n_corr = s->n_corr};
         } else {
             s->blocks = p;
             p += align64(nt * s->vrow);
         }
     }
+    for (int i = 0; i < c->n_fsets; i++) {
+        c->fsets[i].x = (float *)p;
+        p += align64(nt * (size_t)c->fsets[i].ldx * sizeof(float));
+    }
     c->tmp = p;
     p += (size_t)nth * c->tmp_stride;
     c->pack = p;
+    p += (size_t)nth * c->pack_stride;
+    c->lanes = lanes ? (float *)p : NULL;
     return mem;
 }
 
 /* ==== Activation conversion ============================================== */
 
+static void planar_blocks(const mm_call_t *c, const act_set_t *s, const void *blocks, int64_t t);
+
 /* Fills token t of a planar set from one row of ggml-exact Q8_0 / Q8_1 /
  * Q8_K blocks. */
 static void planar_from_blocks(const mm_call_t *c, const act_set_t *s, const void *blocks, int64_t t) {
+    const int64_t n_in = c->n_in;
+    int8_t *qs = s->qs + t * n_in;
+    planar_blocks(c, s, blocks, t);
+    if (s->lane_corr) {
+        int32_t *lc = s->lane_corr + t * (n_in / 4);
+        for (int64_t i = 0; i < n_in / 4; i++)
+            lc[i] = -s->lane_offset * (qs[4 * i] + qs[4 * i + 1] + qs[4 * i + 2] + qs[4 * i + 3]);
+    }
+    if (s->spair) {
+        const vlm_block_q8_K *y = blocks;
+        int32_t *sp = s->spair + t * (n_in / 64);
+        for (int64_t i = 0; i < n_in / VLM_QK_K; i++)
+            for (int l = 0; l < 4; l++) {
+                const int32_t s0 = y[i].bsums[4 * l] + y[i].bsums[4 * l + 1];
+                const int32_t s1 = y[i].bsums[4 * l + 2] + y[i].bsums[4 * l + 3];
+                sp[4 * i + l] = (int32_t)(((uint32_t)(uint16_t)s0) | ((uint32_t)(uint16_t)s1 << 16));
+            }
+    }
+}
+
+/* qs, d, ds and the per-sub-block corr of token t. */
+static void planar_blocks(const mm_call_t *c, const act_set_t *s, const void *blocks, int64_t t) {
     const int64_t n_in = c->n_in, nb32 = n_in / 32;
     int8_t *qs = s->qs + t * n_in;
     float *d = s->d + t * nb32;
@@ -530,10 +641,90 @@ static void planar_from_blocks(const mm_call_t *c, const act_set_t *s, const voi
     }
 }
 
+/* ==== Float weights: activations and the scalar kernel ================== */
+
+/* A bf16 value as f32, subnormals read as (signed) zero as dpbf16 does. */
+static inline float bf16_daz(uint16_t b) {
+    if (!(b & 0x7F80u)) b &= 0x8000u;
+    return vlm_bf16_to_fp32(b);
+}
+
+/* One row of the fgemm activation layout (fgemm.h): x [n_in] rounded to
+ * type, into dst [k_pad]; tmp holds n_in f16 values of scratch. */
+static void fgemm_act_row(const vlm__kernel_table_t *k, uint32_t type, const float *x, int64_t n_in, float *dst,
+                          uint16_t *tmp) {
+    const int step = VLM__FGEMM_STEP(type);
+    const int64_t k_pad = (n_in + step - 1) / step * step;
+    if (type == VLM_DTYPE_F32) {
+        memcpy(dst, x, (size_t)n_in * sizeof(float));
+    } else if (type == VLM_DTYPE_F16) {
+        const vlm__row_fn q = k->quantize_act[type] ? k->quantize_act[type] : vlm__kernels_scalar.quantize_act[type];
+        const vlm__widen_fn wf = k->widen[type] ? k->widen[type] : vlm__kernels_scalar.widen[type];
+        q(x, tmp, n_in);
+        wf(tmp, dst, n_in);
+    } else {
+        /* each 32-chunk: its odd elements, then its even ones */
+        for (int64_t i = 0; i < k_pad; i++) {
+            const int64_t e = i % 32;
+            const int64_t pos = i - e + (e & 1 ? e >> 1 : 16 + (e >> 1));
+            dst[pos] = i < n_in ? bf16_daz(vlm_fp32_to_bf16(x[i])) : 0.0f;
+        }
+        return;
+    }
+    for (int64_t i = n_in; i < k_pad; i++) dst[i] = 0.0f;
+}
+
+/* Element i of a float weight row as f32; 0 past n_in (the zero padding). */
+static inline float fgemm_weight(const vlm__fgemm_t *g, const uint8_t *row, int64_t i) {
+    if (i >= g->n_in) return 0.0f;
+    if (g->type == VLM_DTYPE_F32) {
+        float v;
+        memcpy(&v, row + 4 * i, 4);
+        return v;
+    }
+    uint16_t b;
+    memcpy(&b, row + 2 * i, 2);
+    return g->type == VLM_DTYPE_F16 ? vlm_fp16_to_fp32(b) : bf16_daz(b);
+}
+
+/* tinyBLAS's order (fgemm.h) one output at a time, with fmaf (exact fused
+ * multiply-add). The reference for the SIMD kernels, and the kernel of CPUs
+ * without AVX2. */
+void vlm__fgemm_scalar(const vlm__fgemm_t *g, int64_t o0, int64_t o1, int64_t t0, int64_t t1) {
+    const int step = VLM__FGEMM_STEP(g->type);
+    const int64_t k_pad = (g->n_in + step - 1) / step * step;
+    for (int64_t o = o0; o < o1; o++) {
+        const uint8_t *row = g->w + (size_t)o * g->row_bytes;
+        for (int64_t t = t0; t < t1; t++) {
+            const float *x = g->x + (size_t)t * g->ldx;
+            float lane[16] = {0};
+            for (int64_t c = 0; c < k_pad; c += step) {
+                if (g->type == VLM_DTYPE_BF16) {
+                    for (int j = 0; j < 16; j++) lane[j] = fmaf(fgemm_weight(g, row, c + 2 * j + 1), x[c + j], lane[j]);
+                    for (int j = 0; j < 16; j++)
+                        lane[j] = fmaf(fgemm_weight(g, row, c + 2 * j), x[c + 16 + j], lane[j]);
+                } else {
+                    for (int j = 0; j < 16; j++) lane[j] = fmaf(fgemm_weight(g, row, c + j), x[c + j], lane[j]);
+                }
+            }
+            float s8[8], s4[4];
+            for (int j = 0; j < 8; j++) s8[j] = lane[j] + lane[j + 8];
+            for (int j = 0; j < 4; j++) s4[j] = s8[j] + s8[j + 4];
+            g->y[(size_t)t * g->ldy + o] = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+        }
+    }
+}
+
 static void act_slice(void *arg, int ith, int nth) {
     const mm_call_t *c = arg;
     long lo, hi;
     vlm_pool_range((long)c->n_tok, ith, nth, &lo, &hi);
+    for (int i = 0; i < c->n_fsets; i++) {
+        const float_set_t *f = &c->fsets[i];
+        uint16_t *tmp = (uint16_t *)(c->tmp + (size_t)ith * c->tmp_stride);
+        for (long t = lo; t < hi; t++)
+            fgemm_act_row(c->kern, f->type, c->x + (size_t)t * c->n_in, c->n_in, f->x + (size_t)t * f->ldx, tmp);
+    }
     for (int i = 0; i < c->n_sets; i++) {
         const act_set_t *s = &c->sets[i];
         const vlm__row_fn q = c->kern->quantize_act[s->vtype] ? c->kern->quantize_act[s->vtype]
@@ -581,7 +772,7 @@ static void compute_slice(void *arg, int ith, int nth) {
             if (it->path != PATH_PANEL || base + it->n_units <= lo) continue;
             const int64_t u0 = lo > base ? lo - base : 0, u1 = hi - base < it->n_units ? hi - base : it->n_units;
             const int nr = it->kern->panel_rows;
-            const vlm__panel_fn fn = it->kern->panel[it->w->type];
+            const vlm__panel_fn fn = it->panel;
             const int64_t n_out = it->w->n_out;
             const vlm__qact_t *act = &c->sets[it->act].act;
             for (int64_t u = u0; u < u1; u++) {
@@ -601,7 +792,7 @@ static void compute_slice(void *arg, int ith, int nth) {
         const int64_t n_out = it->w->n_out;
         if (it->path == PATH_PACK) {
             const int nr = it->kern->panel_rows;
-            const vlm__panel_fn fn = it->kern->panel[it->w->type];
+            const vlm__panel_fn fn = it->panel;
             uint8_t *buf = c->pack + (size_t)ith * c->pack_stride;
             for (int64_t u = u0; u < u1; u++) {
                 const int64_t r0 = u * nr;
@@ -609,6 +800,13 @@ static void compute_slice(void *arg, int ith, int nth) {
                 panel_pack(it->w, it->kern, r0, buf);
                 fn(buf, &c->sets[it->act].act, 0, c->n_tok, it->y + r0, n_out, nvalid);
             }
+        } else if (it->path == PATH_FLOAT) {
+            const float_set_t *f = &c->fsets[it->act];
+            const vlm__fgemm_t g = {.type = it->w->type, .w = it->w->data, .row_bytes = it->w->row_bytes,
+                                    .n_in = c->n_in, .x = f->x, .ldx = f->ldx, .y = it->y, .ldy = n_out,
+                                    .lanes = c->lanes ? c->lanes + (size_t)ith * VLM__FGEMM_LANES_FLOATS : NULL};
+            const int64_t r0 = u0 * FLOAT_ROWS, r1 = u1 * FLOAT_ROWS < n_out ? u1 * FLOAT_ROWS : n_out;
+            it->fgemm(&g, r0, r1, 0, c->n_tok);
         } else {
             const int64_t r0 = u0 * DOT_ROWS, r1 = u1 * DOT_ROWS < n_out ? u1 * DOT_ROWS : n_out;
             dot_rows(c, it, r0, r1 - r0);
@@ -618,80 +816,46 @@ static void compute_slice(void *arg, int ith, int nth) {
 
 /* ==== Float weights through sgemm ======================================== */
 
-typedef struct widen_job {
-    const vlm_weight_t *w;
-    vlm__widen_fn widen;
-    int64_t row0, nrows;
-    float *dst;         /* [nrows][n_in] */
-    const float *x;     /* [n_tok][n_in], rounded into xr */
-    float *xr;
-    int64_t n_tok;
-} widen_job_t;
-
-static void widen_slice(void *arg, int ith, int nth) {
-    const widen_job_t *j = arg;
-    const int64_t n_in = j->w->n_in;
-    long lo, hi;
-    vlm_pool_range((long)j->nrows, ith, nth, &lo, &hi);
-    for (long r = lo; r < hi; r++)
-        j->widen((const uint8_t *)j->w->data + (size_t)(j->row0 + r) * j->w->row_bytes, j->dst + (size_t)r * n_in,
-                 n_in);
-}
+/* Only weights prepared with VLM_WEIGHT_PREPARE_SGEMM come here, so F16 /
+ * BF16 ones have their f32 copy. */
+typedef struct round_job {
+    uint32_t type;
+    const float *x;     /* [n_tok][n_in] */
+    float *xr;          /* [n_tok][n_in] x rounded to type */
+    int64_t n_tok, n_in;
+} round_job_t;
 
 /* X rounded to the weight's float type (what ggml's from_float does before
  * its F16/BF16 kernels), kept as f32 for sgemm. */
 static void round_slice(void *arg, int ith, int nth) {
-    const widen_job_t *j = arg;
-    const int64_t n_in = j->w->n_in;
+    const round_job_t *j = arg;
     long lo, hi;
     vlm_pool_range((long)j->n_tok, ith, nth, &lo, &hi);
     for (long t = lo; t < hi; t++) {
-        const float *x = j->x + (size_t)t * n_in;
-        float *o = j->xr + (size_t)t * n_in;
-        if (j->w->type == VLM_DTYPE_F16)
-            for (int64_t i = 0; i < n_in; i++) o[i] = vlm_round_fp16(x[i]);
+        const float *x = j->x + (size_t)t * j->n_in;
+        float *o = j->xr + (size_t)t * j->n_in;
+        if (j->type == VLM_DTYPE_F16)
+            for (int64_t i = 0; i < j->n_in; i++) o[i] = vlm_round_fp16(x[i]);
         else
-            for (int64_t i = 0; i < n_in; i++) o[i] = vlm_bf16_to_fp32(vlm_fp32_to_bf16(x[i]));
+            for (int64_t i = 0; i < j->n_in; i++) o[i] = vlm_bf16_to_fp32(vlm_fp32_to_bf16(x[i]));
     }
 }
 
-static bool matmul_sgemm(vlm_pool_t *pool, const vlm_weight_t *w, const vlm__kernel_table_t *k, const float *x,
-                         int64_t n_tok, float *y) {
+static bool matmul_sgemm(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y) {
     const int64_t n_in = w->n_in, n_out = w->n_out;
     const matmul_priv_t *priv = w->priv;
-    if (w->type == VLM_DTYPE_F32) {
-        /* Y = X W^T: M = n_tok, N = n_out, K = n_in */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_tok, (int)n_out, (int)n_in, 1.0f, x, (int)n_in,
-                    w->data, (int)n_in, 0.0f, y, (int)n_out);
-        return true;
+    const float *wf = w->type == VLM_DTYPE_F32 ? w->data : priv->f32;
+    float *xr = NULL;
+    if (w->type != VLM_DTYPE_F32) {
+        xr = scratch_alloc((size_t)n_tok * (size_t)n_in * sizeof(float));
+        if (!xr) return false;
+        round_job_t j = {.type = w->type, .x = x, .xr = xr, .n_tok = n_tok, .n_in = n_in};
+        vlm_pool_run(pool, round_slice, &j);
     }
-    const bool have_f32 = priv && priv->f32;
-    int64_t rows = SGEMM_PANEL_FLOATS / n_in;
-    if (rows < 64) rows = 64;
-    if (rows > n_out) rows = n_out;
-    const size_t sz_x = align64((size_t)n_tok * n_in * sizeof(float));
-    const size_t sz_w = have_f32 ? 0 : (size_t)rows * n_in * sizeof(float);
-    uint8_t *mem = scratch_alloc(sz_x + sz_w);
-    if (!mem) return false;
-    widen_job_t j = { .w = w, .widen = k->widen[w->type] ? k->widen[w->type] : vlm__kernels_scalar.widen[w->type],
-                      .dst = (float *)(mem + sz_x), .x = x, .xr = (float *)mem, .n_tok = n_tok };
-    vlm_pool_run(pool, round_slice, &j);
-    for (int64_t r0 = 0; r0 < n_out; r0 += rows) {
-        const int64_t nr = n_out - r0 < rows ? n_out - r0 : rows;
-        const float *wp;
-        if (have_f32) {
-            wp = priv->f32 + (size_t)r0 * n_in;
-        } else {
-            j.row0 = r0;
-            j.nrows = nr;
-            vlm_pool_run(pool, widen_slice, &j);
-            wp = j.dst;
-        }
-        /* Y[:, r0:r0+nr] = Xr Wp^T: M = n_tok, N = nr, K = n_in, ldc = n_out */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_tok, (int)nr, (int)n_in, 1.0f, j.xr, (int)n_in,
-                    wp, (int)n_in, 0.0f, y + r0, (int)n_out);
-    }
-    free(mem);
+    /* Y = Xr W^T: M = n_tok, N = n_out, K = n_in */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_tok, (int)n_out, (int)n_in, 1.0f, xr ? xr : x,
+                (int)n_in, wf, (int)n_in, 0.0f, y, (int)n_out);
+    free(xr);
     return true;
 }
 
@@ -711,13 +875,17 @@ static bool matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_
         const matmul_priv_t *priv = w->priv;
         mm_item_t *it = &items[i];
         *it = (mm_item_t){.w = w, .y = ys[i], .act = -1};
-        if (is_float_type(w->type) && n_tok >= SGEMM_MIN_TOK) {
-            it->path = PATH_SGEMM;
+        const bool can_pack = !is_float_type(w->type) && k->panel_rows > 0 && k->panel[w->type] &&
+                              !q4_0_unpacked_in_ggml(w);
+        if (is_float_type(w->type)) {
+            it->path = priv && priv->sgemm && n_tok >= SGEMM_MIN_TOK ? PATH_SGEMM : PATH_FLOAT;
         } else if (priv && priv->kern && priv->kern->panel[w->type]) {
             it->path = PATH_PANEL;
             it->kern = priv->kern;
             it->priv = priv;
-        } else if (!is_float_type(w->type) && n_tok >= PANEL_MIN_TOK && k->panel_rows > 0 && k->panel[w->type]) {
+            it->fast = priv->fast;
+        } else if (can_pack && (n_tok >= PANEL_MIN_TOK || w->type == VLM_DTYPE_Q4_0)) {
+            /* Q4_0 always: only panels sum in the order of ggml's repacked Q4_0 */
             it->path = PATH_PACK;
             it->kern = k;
         } else {
@@ -725,12 +893,19 @@ static bool matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_
             it->dot = k->vec_dot[w->type] ? k->vec_dot[w->type] : vlm__kernels_scalar.vec_dot[w->type];
         }
         if (it->path == PATH_PANEL || it->path == PATH_PACK) {
+            it->panel = it->fast ? it->kern->panel_fast[w->type] : it->kern->panel[w->type];
             it->panel_bytes = panel_bytes_for(w->type, it->kern->panel_rows, w->n_in);
             it->n_units = (w->n_out + it->kern->panel_rows - 1) / it->kern->panel_rows;
         } else if (it->path == PATH_DOT) {
             it->n_units = (w->n_out + DOT_ROWS - 1) / DOT_ROWS;
+        } else if (it->path == PATH_FLOAT) {
+            it->n_units = (w->n_out + FLOAT_ROWS - 1) / FLOAT_ROWS;
+            it->fgemm = k->isa == VLM_ISA_AVX512 ? vlm__fgemm_avx512
+                      : k->isa == VLM_ISA_AVX2   ? vlm__fgemm_avx2
+                                                 : vlm__fgemm_scalar;
         }
-        if (it->path != PATH_SGEMM) it->act = act_set_for(&c, it);
+        if (it->path == PATH_FLOAT) it->act = float_set_for(&c, w->type);
+        else if (it->path != PATH_SGEMM) it->act = act_set_for(&c, it);
         c.n_units += it->n_units;
     }
     if (c.n_units > 0) {
@@ -742,14 +917,14 @@ static bool matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_
         /* tokens per block: the int8 activations of a block fill ~256 KiB of L2 */
         int64_t tb = ACT_BLOCK_BYTES / c.n_in;
         c.tok_block = tb < 16 ? 16 : tb & ~(int64_t)7;
-        if (n_tok * c.n_in * c.n_sets < (1 << 16)) act_slice(&c, 0, 1); /* small: skip a fork-join */
+        if (n_tok * c.n_in * (c.n_sets + c.n_fsets) < (1 << 16)) act_slice(&c, 0, 1); /* small: skip a fork-join */
         else vlm_pool_run(pool, act_slice, &c);
         vlm_pool_run(pool, compute_slice, &c);
         free(mem);
     }
     /* sgemm only from this thread, outside any pool section */
     for (int i = 0; i < n_w && ok; i++)
-        if (items[i].path == PATH_SGEMM) ok = matmul_sgemm(pool, items[i].w, k, x, n_tok, items[i].y);
+        if (items[i].path == PATH_SGEMM) ok = matmul_sgemm(pool, items[i].w, x, n_tok, items[i].y);
 done:
     if (items != items_small) free(items);
     return ok;

@@ -6,11 +6,31 @@
  *   Y: [n_tok][n_out] f32, row-major
  *   Y[t][o] = sum_i W[o][i] * X[t][i]   (i.e. Y = X W^T)
  *
- * Small batches (decoding) quantize each X row to the weight's vec_dot type
- * and run the dot kernels over output rows split across the pool. Large
- * batches of F32/F16/BF16 weights go through OpenBLAS cblas_sgemm on
- * dequantized weight panels; quantized weights use int8 kernels. Either path
- * reproduces ggml's activation rounding.
+ * Each X row is first converted to the weight's vec_dot type exactly as
+ * ggml does (Q8_0/Q8_1/Q8_K, f16, bf16). Quantized weights then use int8
+ * kernels on repacked panels (or on the file's layout) that add their float
+ * terms in the same order as llama.cpp's x86 CPU backend (c392e50), so the
+ * results are bit-identical to its.
+ *
+ * F32 / F16 / BF16 weights use our own GEMM kernels (core/fgemm.h), which
+ * add every output's terms in the order of llama.cpp's llamafile tinyBLAS
+ * (16 FMA lanes, then _mm512_reduce_add_ps's tree; BF16 in dpbf16's order)
+ * at EVERY batch size. So:
+ *  - results are batch-invariant: row t of an n-row call equals, bit for
+ *    bit, the same row computed alone or next to any other rows (the
+ *    daemon's greedy outputs do not depend on how requests are batched);
+ *  - batches of 2 or more rows are bit-identical to llama.cpp's (which uses
+ *    tinyBLAS for them when n_in % 16 == 0 (32 for BF16) and n_out % 4 == 0);
+ *  - single rows (decode steps) differ from llama.cpp's in the last bits,
+ *    since llama.cpp computes a 1-row product with ggml_vec_dot_f32 /
+ *    _f16 / _bf16, whose order is another (4 x 16 lanes over n & ~63, then
+ *    the remainder). That includes a prompt's last row when only its logits
+ *    are wanted: llama.cpp drops the other rows before the last layer's FFN,
+ *    so that FFN and the output projection run on one row there.
+ * Speed (Zen 5): 1.3-1.8x OpenBLAS's sgemm (Haswell kernels there) on 512
+ * rows, 1.5-3x on 16 rows; on AVX2-only CPUs about 0.6-1x. Weights prepared
+ * with VLM_WEIGHT_PREPARE_SGEMM give invariance up for raw speed: their
+ * batches of 16 rows or more go through OpenBLAS cblas_sgemm.
  */
 #ifndef VLM_CORE_MATMUL_H
 #define VLM_CORE_MATMUL_H
@@ -36,12 +56,28 @@ typedef struct vlm_weight {
  * of its block size. Borrowed pointers: the reader must outlive w. */
 int vlm_weight_from_tensor(vlm_weight_t *w, const vlm_gguf_tensor_t *t, vlm_error_t *err);
 
-/* Optional load-time preparation (widening F16 to F32 for sgemm, repacking
- * quantized rows for faster kernels). Costs memory; returns the bytes added
- * in *extra_bytes. vlm_weight_release() frees it. */
+/* Optional load-time preparation. Quantized weights are repacked into
+ * interleaved panels (kernels.h) in anonymous memory of about the weight's
+ * own size; from then on vlm_matmul reads only that copy, never w->data, so
+ * the caller may drop the file mapping of those bytes. Float weights need
+ * no preparation (their kernels read w->data), except with
+ * VLM_WEIGHT_PREPARE_SGEMM. Returns the bytes added in *extra_bytes (0 when
+ * there is nothing to prepare, e.g. F32 or a CPU without AVX2).
+ * vlm_weight_release() frees it; preparing twice releases the first copy.
+ * Not thread-safe against concurrent vlm_matmul on w. */
 int vlm_weight_prepare(vlm_weight_t *w, int flags, size_t *extra_bytes, vlm_error_t *err);
 void vlm_weight_release(vlm_weight_t *w);
-#define VLM_WEIGHT_PREPARE_SGEMM_F32 1  /* keep an f32 copy of F16/BF16 weights for sgemm */
+/* Float weights: batches of 16 rows or more through OpenBLAS cblas_sgemm
+ * (F16 / BF16 weights get an f32 copy for it), faster for large batches but
+ * neither batch-invariant nor in llama.cpp's order; smaller batches still
+ * use the tinyBLAS-order kernels. No effect on quantized weights. */
+#define VLM_WEIGHT_PREPARE_SGEMM 1
+#define VLM_WEIGHT_PREPARE_SGEMM_F32 VLM_WEIGHT_PREPARE_SGEMM /* former name */
+/* Quantized weights: sum in a faster order instead of ggml's. Results then
+ * differ from llama.cpp's in the last bits (which int8 activation roundings
+ * of later layers can amplify); by default every quantized product is
+ * bit-identical to what llama.cpp's CPU backend computes on x86. */
+#define VLM_WEIGHT_PREPARE_FAST_ORDER 2
 
 /* Y = X W^T as above. pool may be NULL (single thread). */
 void vlm_matmul(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y);

@@ -10,7 +10,10 @@
  *   Q4_K, Q5_K, Q6_K -> Q8_K (blocks of 256).
  * then one kernel computes the dot product of a weight row with it. Kernels
  * exist in a portable scalar version and in SIMD versions selected at run
- * time from the CPU's features (the scalar one stays as the reference).
+ * time from the CPU's features (the scalar one stays as the reference). The
+ * SIMD kernels of quantized types add their float terms in the same order
+ * as ggml's AVX2 vec_dot, so their results are bit-identical to llama.cpp's
+ * (c392e50) on x86; the scalar ones differ from them by float rounding.
  */
 #ifndef VLM_CORE_QUANT_H
 #define VLM_CORE_QUANT_H

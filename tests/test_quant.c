@@ -11,13 +11,24 @@
  *  - activation quantization: crafted inputs with known ggml results (round
  *    half to even, id = 127/amax, all-zero and subnormal blocks, Q8_K's sign
  *    choice), and every SIMD version bit-identical to the scalar one;
- *  - dot kernels: every ISA against the scalar reference;
+ *  - dot kernels: every ISA against the scalar reference, and bit for bit
+ *    against a scalar emulation of llama.cpp's float summation order;
  *  - vlm_matmul: every type, batch sizes 1..64, odd row counts, 1 and 2
- *    threads, with and without prepared panels, against scalar dots and
- *    against vlm_matmul_ref; vlm_matmul_multi against separate calls;
+ *    threads, with and without prepared panels, against scalar dots, against
+ *    vlm_matmul_ref, and bit for bit against ggml's order; vlm_matmul_multi
+ *    against separate calls;
+ *  - F32 / F16 / BF16 weights: every ISA bit for bit against a scalar
+ *    emulation of llamafile tinyBLAS's order (batch sizes 1..200, rows that
+ *    are and are not multiples of the chunk, 1 and 2 threads), and, where the
+ *    CPU has AVX-512 (and AVX512_BF16), against tinyBLAS's inner loop written
+ *    with the same intrinsics it uses;
+ *  - batch invariance, every type: row t of a 40-row call equals the same
+ *    row computed alone, bit for bit;
  *  - the golden Q4_K_M / Q4_0 / Q8_0 models, quantized from the same f32
  *    weights, dequantize to values that agree within each type's error.
  */
+#include <immintrin.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -458,6 +469,195 @@ static void test_act_simd_matches_scalar(void) {
     free(y);
 }
 
+/* ==== ggml's summation order, emulated in scalar code ===================== */
+
+/* llama.cpp's x86 CPU backend (c392e50) adds the float terms of a quantized
+ * dot product in a fixed order, which vlmd's SIMD kernels reproduce so that
+ * logits come out bit-identical. These plain scalar versions of those
+ * orders (written from the block layouts, with fmaf where ggml's code or
+ * build fuses a multiply-add) are the references the kernels must match
+ * exactly. Lane k of a 32-value group holds its values 4k..4k+3. */
+
+/* ggml's hsum_float_8 */
+static float hsum8(const float x[8]) { return ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7])); }
+
+/* The 32 integer values of block b of a 32-block weight row (Q4_0: q - 8,
+ * Q5_0: q - 16, Q8_0: q, Q4_1/Q5_1: q), and its d and m. */
+static void block32_values(uint32_t t, const uint8_t *row, int64_t b, int v[32], float *d, float *m) {
+    *m = 0;
+    uint32_t qh = 0;
+    const uint8_t *qs = NULL;
+    switch (t) {
+    case VLM_DTYPE_Q4_0: {
+        const vlm_block_q4_0 *x = (const vlm_block_q4_0 *)row + b;
+        *d = vlm_fp16_to_fp32(x->d);
+        qs = x->qs;
+        break;
+    }
+    case VLM_DTYPE_Q4_1: {
+        const vlm_block_q4_1 *x = (const vlm_block_q4_1 *)row + b;
+        *d = vlm_fp16_to_fp32(x->d);
+        *m = vlm_fp16_to_fp32(x->m);
+        qs = x->qs;
+        break;
+    }
+    case VLM_DTYPE_Q5_0: {
+        const vlm_block_q5_0 *x = (const vlm_block_q5_0 *)row + b;
+        *d = vlm_fp16_to_fp32(x->d);
+        memcpy(&qh, x->qh, 4);
+        qs = x->qs;
+        break;
+    }
+    case VLM_DTYPE_Q5_1: {
+        const vlm_block_q5_1 *x = (const vlm_block_q5_1 *)row + b;
+        *d = vlm_fp16_to_fp32(x->d);
+        *m = vlm_fp16_to_fp32(x->m);
+        memcpy(&qh, x->qh, 4);
+        qs = x->qs;
+        break;
+    }
+    default: {
+        const vlm_block_q8_0 *x = (const vlm_block_q8_0 *)row + b;
+        *d = vlm_fp16_to_fp32(x->d);
+        for (int e = 0; e < 32; e++) v[e] = x->qs[e];
+        return;
+    }
+    }
+    for (int e = 0; e < 32; e++) {
+        int q = e < 16 ? (qs[e] & 15) : (qs[e - 16] >> 4);
+        q |= (int)((qh >> e) & 1) << 4;
+        v[e] = q - (t == VLM_DTYPE_Q4_0 ? 8 : t == VLM_DTYPE_Q5_0 ? 16 : 0);
+    }
+}
+
+/* vec_dot / tinyBLAS order of the 32-block types: 8 float lanes, one fma
+ * per block (d_w * d_a times the lane's integer sum); Q4_1/Q5_1 add m * s
+ * into one float with an fma. */
+static float ggml_dot_lanes32(uint32_t t, const uint8_t *row, const void *act, int64_t n) {
+    float acc[8] = {0}, summs = 0;
+    for (int64_t b = 0; b < n / 32; b++) {
+        int v[32];
+        float dw, mw;
+        block32_values(t, row, b, v, &dw, &mw);
+        const int8_t *a;
+        float da, sa = 0;
+        if (t == VLM_DTYPE_Q4_1 || t == VLM_DTYPE_Q5_1) {
+            const vlm_block_q8_1 *y = (const vlm_block_q8_1 *)act + b;
+            a = y->qs;
+            da = vlm_fp16_to_fp32(y->d);
+            sa = vlm_fp16_to_fp32(y->s);
+        } else {
+            const vlm_block_q8_0 *y = (const vlm_block_q8_0 *)act + b;
+            a = y->qs;
+            da = vlm_fp16_to_fp32(y->d);
+        }
+        const float d = dw * da;
+        for (int k = 0; k < 8; k++) {
+            int lane = 0;
+            for (int e = 4 * k; e < 4 * k + 4; e++) lane += v[e] * a[e];
+            acc[k] = fmaf(d, (float)lane, acc[k]);
+        }
+        if (t == VLM_DTYPE_Q4_1 || t == VLM_DTYPE_Q5_1) summs = fmaf(mw, sa, summs);
+    }
+    return hsum8(acc) + summs;
+}
+
+/* ggml's repacked Q4_0 (8x8 gemv/gemm) order: one fma per block of the
+ * block's whole integer sum. */
+static float ggml_dot_q4_0_repacked(const uint8_t *row, const void *act, int64_t n) {
+    float acc = 0;
+    for (int64_t b = 0; b < n / 32; b++) {
+        int v[32];
+        float dw, mw;
+        block32_values(VLM_DTYPE_Q4_0, row, b, v, &dw, &mw);
+        const vlm_block_q8_0 *y = (const vlm_block_q8_0 *)act + b;
+        int sum = 0;
+        for (int e = 0; e < 32; e++) sum += v[e] * y->qs[e];
+        acc = fmaf((float)sum, dw * vlm_fp16_to_fp32(y->d), acc);
+    }
+    return acc;
+}
+
+/* AVX2 vec_dot order of the K-quants: per 256-block, lane k sums scale *
+ * (values 4k..4k+3 of every group of 32) in integers, then one fma per
+ * block into 8 float lanes; Q4_K's mins go into 4 float lanes, Q5_K's into
+ * one float. */
+static float ggml_dot_k(uint32_t t, const uint8_t *row, const void *act, int64_t n) {
+    float acc[8] = {0}, accm[4] = {0}, summs = 0;
+    float *deq = malloc(VLM_QK_K * sizeof *deq);
+    VLM_ASSERT(deq != NULL);
+    for (int64_t i = 0; i < n / VLM_QK_K; i++) {
+        const vlm_block_q8_K *y = (const vlm_block_q8_K *)act + i;
+        int q[VLM_QK_K], sc[16], mins[8] = {0};
+        float dw, dminw = 0;
+        /* recover the integer quants from the layouts described in dtype.h */
+        if (t == VLM_DTYPE_Q6_K) {
+            const vlm_block_q6_K *x = (const vlm_block_q6_K *)row + i;
+            dw = vlm_fp16_to_fp32(x->d);
+            for (int j = 0; j < 16; j++) sc[j] = x->scales[j];
+            for (int h = 0; h < 2; h++)
+                for (int l = 0; l < 32; l++) {
+                    const uint8_t A = x->ql[64 * h + l], B = x->ql[64 * h + 32 + l], H = x->qh[32 * h + l];
+                    q[128 * h + l] = ((A & 15) | ((H & 3) << 4)) - 32;
+                    q[128 * h + 32 + l] = ((B & 15) | (((H >> 2) & 3) << 4)) - 32;
+                    q[128 * h + 64 + l] = ((A >> 4) | (((H >> 4) & 3) << 4)) - 32;
+                    q[128 * h + 96 + l] = ((B >> 4) | (((H >> 6) & 3) << 4)) - 32;
+                }
+        } else {
+            const vlm_block_q4_K *x4 = (const vlm_block_q4_K *)row + i;
+            const vlm_block_q5_K *x5 = (const vlm_block_q5_K *)row + i;
+            const uint8_t *scales = t == VLM_DTYPE_Q4_K ? x4->scales : x5->scales;
+            const uint8_t *qs = t == VLM_DTYPE_Q4_K ? x4->qs : x5->qs;
+            dw = vlm_fp16_to_fp32(t == VLM_DTYPE_Q4_K ? x4->d : x5->d);
+            dminw = vlm_fp16_to_fp32(t == VLM_DTYPE_Q4_K ? x4->dmin : x5->dmin);
+            for (int j = 0; j < 8; j++) {
+                sc[j] = j < 4 ? scales[j] & 63 : (scales[j + 4] & 15) | ((scales[j - 4] >> 6) << 4);
+                mins[j] = j < 4 ? scales[j + 4] & 63 : (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
+                for (int l = 0; l < 32; l++) {
+                    int v = (j & 1) ? qs[32 * (j / 2) + l] >> 4 : qs[32 * (j / 2) + l] & 15;
+                    if (t == VLM_DTYPE_Q5_K) v |= ((x5->qh[l] >> j) & 1) << 4;
+                    q[32 * j + l] = v;
+                }
+            }
+        }
+        int lane[8] = {0};
+        for (int g = 0; g < 8; g++)
+            for (int k = 0; k < 8; k++) {
+                int s4 = 0;
+                for (int e = 4 * k; e < 4 * k + 4; e++) s4 += q[32 * g + e] * y->qs[32 * g + e];
+                const int scale = t == VLM_DTYPE_Q6_K ? sc[2 * g + (k >= 4)] : sc[g];
+                lane[k] += scale * s4;
+            }
+        const float d = y->d * dw;
+        for (int k = 0; k < 8; k++) acc[k] = fmaf(d, (float)lane[k], acc[k]);
+        if (t != VLM_DTYPE_Q6_K) {
+            const float dmin = -y->d * dminw;
+            int S[8];
+            for (int j = 0; j < 8; j++) S[j] = y->bsums[2 * j] + y->bsums[2 * j + 1];
+            if (t == VLM_DTYPE_Q4_K) {
+                for (int l = 0; l < 4; l++)
+                    accm[l] = fmaf(dmin, (float)(mins[2 * l] * S[2 * l] + mins[2 * l + 1] * S[2 * l + 1]), accm[l]);
+            } else {
+                int ms = 0;
+                for (int j = 0; j < 8; j++) ms += mins[j] * S[j];
+                summs = fmaf(dmin, (float)ms, summs);
+            }
+        }
+    }
+    free(deq);
+    return hsum8(acc) + (t == VLM_DTYPE_Q4_K ? (accm[0] + accm[2]) + (accm[1] + accm[3]) : summs);
+}
+
+/* What llama.cpp computes for one output of a quantized weight with n_out
+ * rows (ggml repacks Q4_0 only when n_out is a multiple of 8). */
+static float ggml_dot(uint32_t t, const uint8_t *row, const void *act, int64_t n, int64_t n_out) {
+    if (t == VLM_DTYPE_Q4_0 && n_out % 8 == 0) return ggml_dot_q4_0_repacked(row, act, n);
+    if (t == VLM_DTYPE_Q4_K || t == VLM_DTYPE_Q5_K || t == VLM_DTYPE_Q6_K) return ggml_dot_k(t, row, act, n);
+    return ggml_dot_lanes32(t, row, act, n);
+}
+
+static bool is_quant(uint32_t t) { return t != VLM_DTYPE_F32 && t != VLM_DTYPE_F16 && t != VLM_DTYPE_BF16; }
+
 /* ==== Dot kernels ========================================================== */
 
 /* Sum of |w_i a_i| over dequantized values: the scale of rounding errors. */
@@ -501,6 +701,12 @@ static void test_vec_dot_simd_vs_scalar(void) {
                     f(n, &s, qw, qa);
                     CHECK(fabs((double)s - s_ref) <= tol, "%s n=%lld %s: %.9g vs scalar %.9g (tol %.3g)",
                           vlm_dtype_name(wt), (long long)n, vlm_isa_name((vlm_isa_t)isa), s, s_ref, tol);
+                    if (is_quant(wt)) {
+                        /* ggml's vec_dot order (for Q4_0 the unrepacked one: n_out 1) */
+                        const float g = ggml_dot(wt, qw, qa, n, 1);
+                        CHECK(memcmp(&s, &g, sizeof s) == 0, "%s n=%lld %s: %.9g, ggml order gives %.9g",
+                              vlm_dtype_name(wt), (long long)n, vlm_isa_name((vlm_isa_t)isa), s, g);
+                    }
                 }
             }
         }
@@ -604,26 +810,54 @@ static void check_matmul(const char *what, const vlm_weight_t *w, const float *x
     (void)x;
 }
 
+/* What llama.cpp computes, bit for bit, for every output (see ggml_dot). */
+static void matmul_ggml_ref(const vlm_weight_t *w, const float *x, int64_t n_tok, float *y) {
+    const uint32_t vt = vlm_dtype_vec_dot_type(w->type);
+    uint8_t *qa = malloc(vlm_dtype_row_size(vt, w->n_in));
+    VLM_ASSERT(qa != NULL);
+    for (int64_t t = 0; t < n_tok; t++) {
+        vlm__kernels_scalar.quantize_act[vt](x + t * w->n_in, qa, w->n_in);
+        for (int64_t o = 0; o < w->n_out; o++)
+            y[t * w->n_out + o] =
+                ggml_dot(w->type, (const uint8_t *)w->data + o * w->row_bytes, qa, w->n_in, w->n_out);
+    }
+    free(qa);
+}
+
+static int count_bit_diffs(const float *a, const float *b, int64_t n) {
+    int d = 0;
+    for (int64_t i = 0; i < n; i++) d += memcmp(&a[i], &b[i], sizeof *a) != 0;
+    return d;
+}
+
+/* Every type, batch sizes 1..64, row counts 53 (not a multiple of 8: ggml
+ * keeps Q4_0 unrepacked) and 40 (a partial last panel), every ISA, 1 and 2
+ * threads, unprepared / prepared / prepared for the fast order. Quantized
+ * results on SIMD ISAs must equal ggml's order bit for bit; everything is
+ * checked against the scalar dots within float rounding, and the scalar
+ * dots against vlm_matmul_ref within the activation rounding. */
 static void test_matmul_all_types(void) {
     const int64_t toks[] = {1, 3, 8, 17, 64};
-    const int64_t n_out = 53; /* 3 full 16-row panels and a partial one */
+    const int64_t n_outs[] = {53, 40};
     vlm_pool_t *pool2 = vlm_pool_new(2);
     REQUIRE(pool2 != NULL);
     rng_seed(3);
-    for (size_t ti = 0; ti < N_WEIGHT_TYPES; ti++) {
+    for (size_t ti = 0; ti < N_WEIGHT_TYPES; ti++)
+        for (size_t oi = 0; oi < 2; oi++) {
         const uint32_t wt = weight_types[ti];
-        const int64_t n_in = block_of(wt) == 256 ? 512 : 96;
+        const int64_t n_in = block_of(wt) == 256 ? 512 : 96, n_out = n_outs[oi];
         test_weight_t tw;
         make_weight(&tw, wt, n_in, n_out);
         float *x = malloc(64 * n_in * sizeof *x);
         float *y = malloc(64 * n_out * sizeof *y), *yref = malloc(64 * n_out * sizeof *yref);
-        float *yplain = malloc(64 * n_out * sizeof *yplain);
+        float *yplain = malloc(64 * n_out * sizeof *yplain), *yg = malloc(64 * n_out * sizeof *yg);
         double *scale = malloc(64 * n_out * sizeof *scale);
-        REQUIRE(x && y && yref && yplain && scale);
+        REQUIRE(x && y && yref && yplain && yg && scale);
         fill_gauss(x, 64 * n_in, 1.0f);
         for (size_t k = 0; k < sizeof toks / sizeof toks[0]; k++) {
             const int64_t nt = toks[k];
             matmul_dot_ref(&tw.w, x, nt, yref, scale);
+            if (is_quant(wt)) matmul_ggml_ref(&tw.w, x, nt, yg);
             /* vlm_matmul_ref uses unquantized activations: within the
              * activation rounding bound of the exact product */
             vlm_matmul_ref(&tw.w, x, nt, yplain);
@@ -641,32 +875,41 @@ static void test_matmul_all_types(void) {
             for (int isa = 0; isa <= (int)vlm_isa_best(); isa++) {
                 for (int threads = 1; threads <= 2; threads++) {
                     vlm_pool_t *pool = threads == 2 ? pool2 : NULL;
-                    char what[64];
-                    snprintf(what, sizeof what, "%s/%dt/plain", vlm_isa_name((vlm_isa_t)isa), threads);
-                    memset(y, 0xFF, nt * n_out * sizeof *y);
-                    vlm__matmul_isa(pool, &tw.w, x, nt, y, (vlm_isa_t)isa);
-                    check_matmul(what, &tw.w, x, nt, y, yref, scale);
-                    /* prepared (panels packed for this ISA, or an f32 copy) */
-                    size_t extra = 0;
-                    vlm_error_t err;
-                    REQUIRE(vlm__weight_prepare_isa(&tw.w, VLM_WEIGHT_PREPARE_SGEMM_F32, (vlm_isa_t)isa, &extra,
-                                                    &err) == VLM_OK);
-                    snprintf(what, sizeof what, "%s/%dt/prepared", vlm_isa_name((vlm_isa_t)isa), threads);
-                    memset(y, 0xFF, nt * n_out * sizeof *y);
-                    vlm__matmul_isa(pool, &tw.w, x, nt, y, (vlm_isa_t)isa);
-                    check_matmul(what, &tw.w, x, nt, y, yref, scale);
-                    vlm_weight_release(&tw.w);
-                    CHECK(tw.w.priv == NULL);
+                    for (int variant = 0; variant < 3; variant++) {
+                        static const char *const names[] = {"plain", "prepared", "prepared-fast"};
+                        const int flags = variant == 2 ? VLM_WEIGHT_PREPARE_FAST_ORDER : VLM_WEIGHT_PREPARE_SGEMM_F32;
+                        char what[96];
+                        snprintf(what, sizeof what, "%s/%dt/%s/n_out=%lld", vlm_isa_name((vlm_isa_t)isa), threads,
+                                 names[variant], (long long)n_out);
+                        if (variant > 0) {
+                            size_t extra = 0;
+                            vlm_error_t err;
+                            REQUIRE(vlm__weight_prepare_isa(&tw.w, flags, (vlm_isa_t)isa, &extra, &err) == VLM_OK);
+                        }
+                        memset(y, 0xFF, nt * n_out * sizeof *y);
+                        vlm__matmul_isa(pool, &tw.w, x, nt, y, (vlm_isa_t)isa);
+                        check_matmul(what, &tw.w, x, nt, y, yref, scale);
+                        if (is_quant(wt) && isa != VLM_ISA_SCALAR && variant != 2) {
+                            const int nd = count_bit_diffs(y, yg, nt * n_out);
+                            CHECK(nd == 0, "%s %s n_tok=%lld: %d of %lld outputs differ from ggml's order",
+                                  what, vlm_dtype_name(wt), (long long)nt, nd, (long long)(nt * n_out));
+                        }
+                        vlm_weight_release(&tw.w);
+                        CHECK(tw.w.priv == NULL);
+                    }
                 }
             }
             /* the public entry point */
             vlm_matmul(pool2, &tw.w, x, nt, y);
             check_matmul("vlm_matmul", &tw.w, x, nt, y, yref, scale);
+            if (is_quant(wt) && vlm_isa_best() != VLM_ISA_SCALAR)
+                CHECK(count_bit_diffs(y, yg, nt * n_out) == 0, "vlm_matmul %s: not ggml's order", vlm_dtype_name(wt));
         }
         free(x);
         free(y);
         free(yref);
         free(yplain);
+        free(yg);
         free(scale);
         free_weight(&tw);
     }
@@ -674,8 +917,9 @@ static void test_matmul_all_types(void) {
 }
 
 /* Larger shapes through the paths the small test above does not reach:
- * sgemm with on-the-fly widening in several row panels, and quantized
- * batches spanning several token blocks. */
+ * float rows long enough for the kernels to split them into k blocks (and,
+ * prepared with VLM_WEIGHT_PREPARE_SGEMM, sgemm on the widened copy), and
+ * quantized batches spanning several token blocks. */
 static void test_matmul_large(void) {
     static const struct { uint32_t type; int64_t n_in, n_out, n_tok; } cases[] = {
         {VLM_DTYPE_F16, 2048, 600, 24},
@@ -758,6 +1002,298 @@ static void test_matmul_multi(void) {
     free(y1);
     free(x);
     vlm_pool_destroy(&pool);
+}
+
+/* ==== Float weights: tinyBLAS's order ==================================== */
+
+static const uint32_t float_types[] = {VLM_DTYPE_F32, VLM_DTYPE_F16, VLM_DTYPE_BF16};
+
+/* What ggml's from_float makes of an activation, as f32: f16 or bf16
+ * rounding to nearest even. For BF16, a subnormal result then reads as
+ * zero, as vdpbf16ps reads its inputs. */
+static float tb_act(uint32_t t, float x) {
+    if (t == VLM_DTYPE_F16) return vlm_fp16_to_fp32(vlm_fp32_to_fp16(x));
+    if (t == VLM_DTYPE_BF16) {
+        uint16_t b = vlm_fp32_to_bf16(x);
+        if ((b & 0x7F80) == 0) b &= 0x8000;
+        return vlm_bf16_to_fp32(b);
+    }
+    return x;
+}
+
+/* Weight element i of a row, exactly widened (BF16 subnormals read as 0). */
+static float tb_weight(uint32_t t, const uint8_t *row, int64_t i) {
+    if (t == VLM_DTYPE_F32) {
+        float v;
+        memcpy(&v, row + 4 * i, 4);
+        return v;
+    }
+    uint16_t b;
+    memcpy(&b, row + 2 * i, 2);
+    if (t == VLM_DTYPE_F16) return vlm_fp16_to_fp32(b);
+    if ((b & 0x7F80) == 0) b &= 0x8000;
+    return vlm_bf16_to_fp32(b);
+}
+
+/* One output as llama.cpp's tinyBLAS computes it on the reference machine
+ * (AVX-512 with AVX512_BF16): F32 and F16 as tinyBLAS<16, __m512>, i.e.
+ * lane j (of 16) accumulates w[i] x[i] for i = j mod 16 with one fused
+ * multiply-add each; BF16 as tinyBLAS<32, __m512bh>, i.e. _mm512_dpbf16_ps
+ * on 32-element chunks, where lane j adds w[2j+1] x[2j+1] and then
+ * w[2j] x[2j]; then _mm512_reduce_add_ps (GCC's: the 8 high lanes onto the
+ * 8 low ones, the 4 high onto the 4 low, then (0 + 2) + (1 + 3)). Elements
+ * past n count as zeros (tinyBLAS itself requires whole chunks). */
+static float tinyblas_dot(uint32_t t, const uint8_t *row, const float *x, int64_t n) {
+    const int64_t chunk = t == VLM_DTYPE_BF16 ? 32 : 16;
+    float lane[16] = {0};
+    for (int64_t c = 0; c < n; c += chunk) {
+        for (int j = 0; j < 16; j++) {
+            if (t == VLM_DTYPE_BF16) {
+                const int64_t i1 = c + 2 * j + 1, i0 = c + 2 * j;
+                lane[j] = fmaf(i1 < n ? tb_weight(t, row, i1) : 0.0f, i1 < n ? tb_act(t, x[i1]) : 0.0f, lane[j]);
+                lane[j] = fmaf(i0 < n ? tb_weight(t, row, i0) : 0.0f, i0 < n ? tb_act(t, x[i0]) : 0.0f, lane[j]);
+            } else {
+                const int64_t i = c + j;
+                lane[j] = fmaf(i < n ? tb_weight(t, row, i) : 0.0f, i < n ? tb_act(t, x[i]) : 0.0f, lane[j]);
+            }
+        }
+    }
+    float h8[8], h4[4];
+    for (int j = 0; j < 8; j++) h8[j] = lane[8 + j] + lane[j];
+    for (int j = 0; j < 4; j++) h4[j] = h8[4 + j] + h8[j];
+    const float a = h4[0] + h4[2], b = h4[1] + h4[3];
+    return a + b;
+}
+
+/* Puts BF16 subnormals (which dpbf16 reads as zero) and signed zeros into
+ * every third row of a BF16 weight, and tiny values (bf16 subnormals after
+ * rounding) and -0 into the activations; other types are left alone. So
+ * that reading a subnormal as zero shows in the results, row 1 is all
+ * subnormals and meets activations of 1e12 every 5 elements, and row 4 is
+ * 1e30 exactly where the activations are tiny and zero elsewhere. */
+static void sprinkle_bf16_specials(test_weight_t *tw, float *x, int64_t n_x) {
+    if (tw->w.type != VLM_DTYPE_BF16) return;
+    const int64_t n_in = tw->w.n_in;
+    for (int64_t o = 0; o < tw->w.n_out; o++) {
+        uint16_t *row = (uint16_t *)(tw->data + o * tw->w.row_bytes);
+        for (int64_t i = 0; i < n_in; i++) {
+            const uint16_t sub = (uint16_t)((1 + (i * 13) % 0x7F) | (i % 2 ? 0x8000 : 0));
+            if (o == 1) row[i] = sub;
+            else if (o == 4) row[i] = i % 13 == 4 ? vlm_fp32_to_bf16(1e30f) : 0;
+            else if (o % 3 == 0 && i % 7 == 3) row[i] = sub;
+            else if (o % 3 == 0 && i % 11 == 5) row[i] = i % 2 ? 0x8000 : 0;
+        }
+    }
+    for (int64_t i = 0; i < n_x; i++) {
+        if (i % n_in % 13 == 4) x[i] = i % 2 ? -1e-39f : 3e-39f;
+        else if (i % n_in % 17 == 8) x[i] = -0.0f;
+        else if (i % n_in % 5 == 0) x[i] = 1e12f;
+    }
+}
+
+static void tinyblas_ref(const vlm_weight_t *w, const float *x, int64_t n_tok, float *y) {
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int64_t o = 0; o < w->n_out; o++)
+            y[t * w->n_out + o] =
+                tinyblas_dot(w->type, (const uint8_t *)w->data + o * w->row_bytes, x + t * w->n_in, w->n_in);
+}
+
+/* Every ISA, 1 and 2 threads, bit for bit against tinyblas_dot: rows of
+ * whole chunks and with a partial last one, short rows and rows long enough
+ * for the kernels to split them into blocks (1600 > 1.5 x 512), batches
+ * that leave partial tiles, and 200 tokens (more than one token block).
+ * n_out = 37: partial row tiles and a partial unit of work. */
+static void test_fgemm_tinyblas_order(void) {
+    static const int64_t n_ins[] = {40, 96, 1600, 1608};
+    static const int64_t toks[] = {1, 2, 3, 15, 16, 17, 64, 200};
+    const int64_t n_out = 37, max_tok = 200;
+    vlm_pool_t *pool2 = vlm_pool_new(2);
+    REQUIRE(pool2 != NULL);
+    rng_seed(23);
+    for (size_t ti = 0; ti < 3; ti++)
+        for (size_t ki = 0; ki < sizeof n_ins / sizeof n_ins[0]; ki++) {
+            const uint32_t wt = float_types[ti];
+            const int64_t n_in = n_ins[ki];
+            test_weight_t tw;
+            make_weight(&tw, wt, n_in, n_out);
+            float *x = malloc(max_tok * n_in * sizeof *x);
+            float *y = malloc(max_tok * n_out * sizeof *y), *yref = malloc(max_tok * n_out * sizeof *yref);
+            REQUIRE(x && y && yref);
+            fill_gauss(x, max_tok * n_in, 1.0f);
+            sprinkle_bf16_specials(&tw, x, max_tok * n_in);
+            tinyblas_ref(&tw.w, x, max_tok, yref);
+            for (size_t k = 0; k < sizeof toks / sizeof toks[0]; k++) {
+                const int64_t nt = toks[k];
+                if (nt == 200 && n_in < 1600) continue;
+                for (int isa = 0; isa <= (int)vlm_isa_best(); isa++) {
+                    if (isa == VLM_ISA_SCALAR && nt > 17) continue; /* slow, and nothing tiles there */
+                    for (int threads = 1; threads <= 2; threads++) {
+                        memset(y, 0xFF, nt * n_out * sizeof *y);
+                        vlm__matmul_isa(threads == 2 ? pool2 : NULL, &tw.w, x, nt, y, (vlm_isa_t)isa);
+                        const int nd = count_bit_diffs(y, yref, nt * n_out);
+                        CHECK(nd == 0, "%s n_in=%lld n_tok=%lld %s %dt: %d of %lld outputs differ from tinyBLAS's order",
+                              vlm_dtype_name(wt), (long long)n_in, (long long)nt, vlm_isa_name((vlm_isa_t)isa), threads,
+                              nd, (long long)(nt * n_out));
+                    }
+                }
+            }
+            free(x);
+            free(y);
+            free(yref);
+            free_weight(&tw);
+        }
+    vlm_pool_destroy(&pool2);
+}
+
+/* tinyBLAS's inner loop written with its own intrinsics, for one output:
+ * the strongest check that tinyblas_dot above is what the reference
+ * machine's llama.cpp build computes. Needs AVX-512 (and AVX512_BF16 for
+ * BF16) at run time; n must be a multiple of the chunk. */
+__attribute__((target("avx512f"))) static float tinyblas_avx512(uint32_t t, const uint8_t *row, const void *act,
+                                                                int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 a, b;
+        if (t == VLM_DTYPE_F32) {
+            a = _mm512_loadu_ps((const float *)row + i);
+            b = _mm512_loadu_ps((const float *)act + i);
+        } else {
+            a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)));
+            b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)act + i)));
+        }
+        acc = _mm512_fmadd_ps(a, b, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) static float tinyblas_avx512bf16(const uint8_t *row, const void *act,
+                                                                             int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)((const uint16_t *)row + i)),
+                               (__m512bh)_mm512_loadu_si512((const void *)((const uint16_t *)act + i)));
+    return _mm512_reduce_add_ps(acc);
+}
+
+static void test_fgemm_vs_hardware(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f")) SKIP("no AVX-512 on this CPU");
+    const bool have_bf16 = __builtin_cpu_supports("avx512bf16");
+    const int64_t n_in = 1600, n_out = 24, nt = 20;
+    rng_seed(29);
+    int checked = 0;
+    for (size_t ti = 0; ti < 3; ti++) {
+        const uint32_t wt = float_types[ti];
+        if (wt == VLM_DTYPE_BF16 && !have_bf16) continue;
+        test_weight_t tw;
+        make_weight(&tw, wt, n_in, n_out);
+        float *x = malloc(nt * n_in * sizeof *x), *y = malloc(nt * n_out * sizeof *y);
+        uint8_t *act = malloc(n_in * 4);
+        REQUIRE(x && y && act);
+        fill_gauss(x, nt * n_in, 1.0f);
+        sprinkle_bf16_specials(&tw, x, nt * n_in);
+        vlm_matmul(NULL, &tw.w, x, nt, y);
+        int nd = 0;
+        for (int64_t t = 0; t < nt; t++) {
+            /* the activation row as ggml's from_float writes it */
+            vlm_quantize_row(wt, x + t * n_in, act, n_in);
+            for (int64_t o = 0; o < n_out; o++) {
+                const uint8_t *row = tw.data + o * tw.w.row_bytes;
+                const float h = wt == VLM_DTYPE_BF16 ? tinyblas_avx512bf16(row, act, n_in)
+                                                      : tinyblas_avx512(wt, row, act, n_in);
+                nd += memcmp(&h, &y[t * n_out + o], sizeof h) != 0;
+            }
+        }
+        CHECK(nd == 0, "%s: %d of %lld outputs differ from tinyBLAS's loop run on this CPU", vlm_dtype_name(wt), nd,
+              (long long)(nt * n_out));
+        checked++;
+        free(x);
+        free(y);
+        free(act);
+        free_weight(&tw);
+    }
+    harness_note("checked %d float types against the hardware loop%s", checked,
+                 have_bf16 ? "" : " (no AVX512_BF16: BF16 not checked)");
+}
+
+/* The daemon's promise: a row's result does not depend on the other rows
+ * of the call. Every type, prepared or not, every ISA, 2 threads: row t of
+ * a 40-row call equals the same row computed alone, and rows 13..15
+ * computed as a batch of 3. */
+static void test_matmul_batch_invariance(void) {
+    const int64_t nt = 40, n_out = 45;
+    vlm_pool_t *pool = vlm_pool_new(2);
+    REQUIRE(pool != NULL);
+    rng_seed(31);
+    for (size_t ti = 0; ti < N_WEIGHT_TYPES; ti++) {
+        const uint32_t wt = weight_types[ti];
+        const int64_t n_in = block_of(wt) == 256 ? 1024 : 1600;
+        test_weight_t tw;
+        make_weight(&tw, wt, n_in, n_out);
+        float *x = malloc(nt * n_in * sizeof *x);
+        float *yb = malloc(nt * n_out * sizeof *yb), *y1 = malloc(3 * n_out * sizeof *y1);
+        REQUIRE(x && yb && y1);
+        fill_gauss(x, nt * n_in, 1.0f);
+        for (int isa = 0; isa <= (int)vlm_isa_best(); isa++)
+            for (int prepared = 0; prepared <= 1; prepared++) {
+                if (isa == VLM_ISA_SCALAR && !is_quant(wt) && prepared) continue; /* same path as unprepared */
+                if (prepared) {
+                    size_t extra;
+                    vlm_error_t err;
+                    REQUIRE(vlm__weight_prepare_isa(&tw.w, 0, (vlm_isa_t)isa, &extra, &err) == VLM_OK);
+                }
+                vlm__matmul_isa(pool, &tw.w, x, nt, yb, (vlm_isa_t)isa);
+                int nd = 0;
+                for (int64_t t = 0; t < nt; t++) {
+                    vlm__matmul_isa(pool, &tw.w, x + t * n_in, 1, y1, (vlm_isa_t)isa);
+                    nd += count_bit_diffs(y1, yb + t * n_out, n_out);
+                }
+                vlm__matmul_isa(pool, &tw.w, x + 13 * n_in, 3, y1, (vlm_isa_t)isa);
+                nd += count_bit_diffs(y1, yb + 13 * n_out, 3 * n_out);
+                CHECK(nd == 0, "%s %s %s: %d outputs depend on the batch", vlm_dtype_name(wt),
+                      vlm_isa_name((vlm_isa_t)isa), prepared ? "prepared" : "unprepared", nd);
+                vlm_weight_release(&tw.w);
+            }
+        free(x);
+        free(yb);
+        free(y1);
+        free_weight(&tw);
+    }
+    vlm_pool_destroy(&pool);
+}
+
+/* VLM_WEIGHT_PREPARE_SGEMM: float weights take OpenBLAS from 16 rows (close
+ * to, but not, tinyBLAS's order) and the kernels below that. */
+static void test_matmul_sgemm_opt_in(void) {
+    const int64_t n_in = 512, n_out = 33, nt = 20;
+    rng_seed(37);
+    for (size_t ti = 0; ti < 3; ti++) {
+        const uint32_t wt = float_types[ti];
+        test_weight_t tw;
+        make_weight(&tw, wt, n_in, n_out);
+        float *x = malloc(nt * n_in * sizeof *x), *y = malloc(nt * n_out * sizeof *y);
+        float *yref = malloc(nt * n_out * sizeof *yref);
+        double *scale = malloc(nt * n_out * sizeof *scale);
+        REQUIRE(x && y && yref && scale);
+        fill_gauss(x, nt * n_in, 1.0f);
+        size_t extra = 0;
+        vlm_error_t err;
+        REQUIRE(vlm_weight_prepare(&tw.w, VLM_WEIGHT_PREPARE_SGEMM, &extra, &err) == VLM_OK);
+        CHECK(extra == (wt == VLM_DTYPE_F32 ? 0 : (size_t)(n_in * n_out * 4)), "%s: %zu extra bytes",
+              vlm_dtype_name(wt), extra);
+        matmul_dot_ref(&tw.w, x, nt, yref, scale);
+        vlm_matmul(NULL, &tw.w, x, nt, y);
+        check_matmul("sgemm", &tw.w, x, nt, y, yref, scale);
+        tinyblas_ref(&tw.w, x, 8, yref);
+        vlm_matmul(NULL, &tw.w, x, 8, y);
+        CHECK(count_bit_diffs(y, yref, 8 * n_out) == 0, "%s: 8 rows should still use tinyBLAS's order",
+              vlm_dtype_name(wt));
+        free(x);
+        free(y);
+        free(yref);
+        free(scale);
+        free_weight(&tw);
+    }
 }
 
 static void test_weight_from_tensor_checks(void) {
@@ -898,8 +1434,9 @@ static void test_golden_requantize_fixed_point(void) {
     CHECK(checked == 30 + 29, "checked %d tensors", checked);
 }
 
-/* vlm_matmul on a real golden tensor (Q4_K token embeddings used as a
- * 1000 x 256 matrix, and the Q6_K output) against the scalar dots. */
+/* vlm_matmul on real golden tensors (Q4_K token embeddings used as a
+ * 1000 x 256 matrix, the Q6_K output, a Q5_0 ffn_down) against the scalar
+ * dots, and bit for bit against ggml's summation order. */
 static void test_golden_matmul(void) {
     vlm_gguf_t *g = open_golden("small-q4_k_m");
     if (!g) SKIP("golden model missing");
@@ -920,14 +1457,22 @@ static void test_golden_matmul(void) {
         REQUIRE(x && y && yref && scale);
         fill_gauss(x, nt * w.n_in, 1.0f);
         matmul_dot_ref(&w, x, nt, yref, scale);
+        float *yg = malloc(nt * w.n_out * sizeof *yg);
+        REQUIRE(yg != NULL);
+        matmul_ggml_ref(&w, x, nt, yg);
+        const bool exact = vlm_isa_best() != VLM_ISA_SCALAR;
         vlm_matmul(pool, &w, x, nt, y);
         check_matmul("golden", &w, x, nt, y, yref, scale);
+        CHECK(!exact || count_bit_diffs(y, yg, nt * w.n_out) == 0, "%s: not ggml's order", names[k]);
         size_t extra;
         REQUIRE(vlm_weight_prepare(&w, 0, &extra, &err) == VLM_OK);
         vlm_matmul(pool, &w, x, nt, y);
         check_matmul("golden/prepared", &w, x, nt, y, yref, scale);
+        CHECK(!exact || count_bit_diffs(y, yg, nt * w.n_out) == 0, "%s prepared: not ggml's order", names[k]);
         vlm_matmul(pool, &w, x, 1, y);
         check_matmul("golden/prepared/1", &w, x, 1, y, yref, scale);
+        CHECK(!exact || count_bit_diffs(y, yg, w.n_out) == 0, "%s prepared, 1 token: not ggml's order", names[k]);
+        free(yg);
         vlm_weight_release(&w);
         free(x);
         free(y);
@@ -961,6 +1506,10 @@ int main(void) {
     RUN(test_matmul_all_types);
     RUN(test_matmul_large);
     RUN(test_matmul_multi);
+    RUN(test_fgemm_tinyblas_order);
+    RUN(test_fgemm_vs_hardware);
+    RUN(test_matmul_batch_invariance);
+    RUN(test_matmul_sgemm_opt_in);
     RUN(test_golden_models_agree);
     RUN(test_golden_requantize_fixed_point);
     RUN(test_golden_matmul);

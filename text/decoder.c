@@ -564,6 +564,287 @@ AVX512_FN static void rope_avx512(float *x, int32_t n_heads, int32_t head_dim, i
     }
 }
 
+/* ---- Query tiles: several queries against one K/V head ---------------- */
+
+/* A prefill shares each K and V head among the query heads of its GQA group
+ * and among the rows of the batch, so the tiled kernels below compute
+ * ATTN_TILE queries at once: every K or V vector is loaded and widened once
+ * for all of them. Each score and each output channel is still one dot
+ * product summed in exactly the order of the single-query kernels above
+ * (only the loops around the dot products are reordered), so the results
+ * are the same bits. */
+enum { ATTN_TILE = 4 };
+
+/* q rounded to f16 and widened back (what ggml multiplies K by). */
+AVX512_FN static void round_q_f16_avx512(const float *q, int hd, float *qf) {
+    for (int c = 0; c < hd; c += 16) {
+        const __mmask16 k = mask_first(hd - c);
+        const __m512 v = _mm512_maskz_loadu_ps(k, q + c);
+        _mm512_mask_storeu_ps(qf + c, k, _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    }
+}
+
+/* Lane t of the tinyBLAS dot products of 16 positions (kc[c * ld + j],
+ * j < 16) with ATTN_TILE queries: a[q] = sum over c = t, t + 16, ... of
+ * qf[q][c] * k[c], as a chain of FMAs from zero. */
+AVX512_FN static inline void kq_tb_lane(const float *const qf[ATTN_TILE], const uint16_t *kc, size_t ld, int hd, int t,
+                                        __m512 a[ATTN_TILE]) {
+    for (int q = 0; q < ATTN_TILE; q++) a[q] = _mm512_setzero_ps();
+    for (int c = t; c < hd; c += 16) {
+        const __m512 k = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kc + (size_t)c * ld)));
+        for (int q = 0; q < ATTN_TILE; q++) a[q] = _mm512_fmadd_ps(_mm512_set1_ps(qf[q][c]), k, a[q]);
+    }
+}
+
+/* h[q] = lane t+8 + lane t: the first level of reduce16's tree. */
+AVX512_FN static inline void kq_tb_pair(const float *const qf[ATTN_TILE], const uint16_t *kc, size_t ld, int hd, int t,
+                                        __m512 h[ATTN_TILE]) {
+    __m512 a[ATTN_TILE], b[ATTN_TILE];
+    kq_tb_lane(qf, kc, ld, hd, t, a);
+    kq_tb_lane(qf, kc, ld, hd, t + 8, b);
+    for (int q = 0; q < ATTN_TILE; q++) h[q] = _mm512_add_ps(b[q], a[q]);
+}
+
+/* kq_f16_avx512 in tinyBLAS order (hd % 16 == 0) for ATTN_TILE queries
+ * (qf already rounded to f16) over the 16-position blocks [c_lo, c_hi)
+ * (c_lo a multiple of 16): sc[q][j] = qf[q] . key_j for every j of those
+ * blocks, lanes outside a query's own range included (callers ignore
+ * them). The lanes are visited in the order that lets reduce16's tree be
+ * summed as they come, so only a few partial sums per query stay live:
+ * ((0+8) + (4+12)) + ((2+10) + (6+14)), then the same from 1, then both. */
+AVX512_FN static void kq_f16_tb_tile(const float *const qf[ATTN_TILE], const uint16_t *kt, size_t ld, int hd, int c_lo,
+                                     int c_hi, float *const sc[ATTN_TILE]) {
+    for (int c0 = c_lo; c0 < c_hi; c0 += 16) {
+        const uint16_t *kc = kt + c0;
+        __m512 h0[ATTN_TILE], h1[ATTN_TILE], s02[ATTN_TILE], q1[ATTN_TILE];
+        kq_tb_pair(qf, kc, ld, hd, 0, h0);
+        kq_tb_pair(qf, kc, ld, hd, 4, h1);
+        for (int q = 0; q < ATTN_TILE; q++) s02[q] = _mm512_add_ps(h1[q], h0[q]);
+        kq_tb_pair(qf, kc, ld, hd, 2, h0);
+        kq_tb_pair(qf, kc, ld, hd, 6, h1);
+        for (int q = 0; q < ATTN_TILE; q++) s02[q] = _mm512_add_ps(s02[q], _mm512_add_ps(h1[q], h0[q]));
+        kq_tb_pair(qf, kc, ld, hd, 1, h0);
+        kq_tb_pair(qf, kc, ld, hd, 5, h1);
+        for (int q = 0; q < ATTN_TILE; q++) q1[q] = _mm512_add_ps(h1[q], h0[q]);
+        kq_tb_pair(qf, kc, ld, hd, 3, h0);
+        kq_tb_pair(qf, kc, ld, hd, 7, h1);
+        for (int q = 0; q < ATTN_TILE; q++)
+            _mm512_storeu_ps(sc[q] + c0, _mm512_add_ps(s02[q], _mm512_add_ps(q1[q], _mm512_add_ps(h1[q], h0[q]))));
+    }
+}
+
+/* _mm512_reduce_add_ps of 16 vectors at once, adding the same pairs in the
+ * same order (lanes i and i + 8, then i and i + 4, i and i + 2, i and
+ * i + 1), so each sum has the bits of the one-vector reduction. Lane
+ * 4j + m of the result is the sum of v[4m + j]. */
+AVX512_FN static inline __m512 reduce_add_16x16(const __m512 v[16]) {
+    __m512 s[8], r[4], w[2];
+    for (int k = 0; k < 8; k++) /* lanes i < 8 of v[2k] and v[2k + 1]: x[i] + x[i + 8] */
+        s[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++) /* quarter j: v[4k + j]'s i + (i + 4) */
+        r[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; k++) /* 128-bit lane j: (0+2, 1+3) of v[8k + j], then of v[8k + 4 + j] */
+        w[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(r[2 * k]), _mm512_castps_pd(r[2 * k + 1]))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(r[2 * k]), _mm512_castps_pd(r[2 * k + 1]))));
+    return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* pv_f16_avx512 in tinyBLAS order (hd % 4 == 0) for ATTN_TILE queries that
+ * share V (vt, rows ld apart, from the same first position): out[q][c] =
+ * V[c][0..n[q]) . p[q][0..n[q]). Four channels times ATTN_TILE queries are
+ * accumulated at once, so each V vector is widened once for all queries;
+ * the blocks past the shortest query's n are added query by query with
+ * the same masks as the single-query kernel. */
+AVX512_FN static void pv_f16_tb_tile(const uint16_t *vt, size_t ld, int hd, const float *const p[ATTN_TILE],
+                                     const int n[ATTN_TILE], float *const out[ATTN_TILE]) {
+    int n_min = n[0];
+    for (int q = 1; q < ATTN_TILE; q++) n_min = n[q] < n_min ? n[q] : n_min;
+    const int n_full = n_min & ~15;
+    for (int c = 0; c < hd; c += 4) {
+        const uint16_t *v0 = vt + (size_t)c * ld, *v1 = v0 + ld, *v2 = v1 + ld, *v3 = v2 + ld;
+        __m512 a0[ATTN_TILE], a1[ATTN_TILE], a2[ATTN_TILE], a3[ATTN_TILE];
+        for (int q = 0; q < ATTN_TILE; q++) a0[q] = a1[q] = a2[q] = a3[q] = _mm512_setzero_ps();
+        for (int i = 0; i < n_full; i += 16) {
+            const __m512 x0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v0 + i)));
+            const __m512 x1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v1 + i)));
+            const __m512 x2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v2 + i)));
+            const __m512 x3 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v3 + i)));
+            for (int q = 0; q < ATTN_TILE; q++) {
+                const __m512 pv = _mm512_loadu_ps(p[q] + i);
+                a0[q] = _mm512_fmadd_ps(x0, pv, a0[q]);
+                a1[q] = _mm512_fmadd_ps(x1, pv, a1[q]);
+                a2[q] = _mm512_fmadd_ps(x2, pv, a2[q]);
+                a3[q] = _mm512_fmadd_ps(x3, pv, a3[q]);
+            }
+        }
+        for (int q = 0; q < ATTN_TILE; q++) {
+            for (int i = n_full; i < n[q]; i += 16) {
+                const __mmask16 k = mask_first(n[q] - i);
+                const __m512 pv = _mm512_maskz_loadu_ps(k, p[q] + i);
+                a0[q] = _mm512_fmadd_ps(load_h16(v0 + i, k), pv, a0[q]);
+                a1[q] = _mm512_fmadd_ps(load_h16(v1 + i, k), pv, a1[q]);
+                a2[q] = _mm512_fmadd_ps(load_h16(v2 + i, k), pv, a2[q]);
+                a3[q] = _mm512_fmadd_ps(load_h16(v3 + i, k), pv, a3[q]);
+            }
+        }
+        /* v[4 * channel + q]: lanes 4q..4q+3 of the sums are out[q][c..c+3] */
+        _Static_assert(ATTN_TILE == 4, "one 16-vector reduction per 4 channels x 4 queries");
+        const __m512 v[16] = {a0[0], a0[1], a0[2], a0[3], a1[0], a1[1], a1[2], a1[3],
+                              a2[0], a2[1], a2[2], a2[3], a3[0], a3[1], a3[2], a3[3]};
+        const __m512 sums = reduce_add_16x16(v);
+        _mm_storeu_ps(out[0] + c, _mm512_castps512_ps128(sums));
+        _mm_storeu_ps(out[1] + c, _mm512_extractf32x4_ps(sums, 1));
+        _mm_storeu_ps(out[2] + c, _mm512_extractf32x4_ps(sums, 2));
+        _mm_storeu_ps(out[3] + c, _mm512_extractf32x4_ps(sums, 3));
+    }
+}
+
+/* Lane t of ggml_vec_dot_f16's order for 16 positions and ATTN_TILE
+ * queries (the SIMD part, c < np = hd & ~63): four chains over c = t + 64m,
+ * t + 16 + 64m, t + 32 + 64m, t + 48 + 64m, combined as (0+2) + (1+3). */
+AVX512_FN static inline void kq_vd_lane(const float *const qf[ATTN_TILE], const uint16_t *kc, size_t ld, int np, int t,
+                                        __m512 r[ATTN_TILE]) {
+    __m512 a0[ATTN_TILE], a1[ATTN_TILE], a2[ATTN_TILE], a3[ATTN_TILE];
+    for (int q = 0; q < ATTN_TILE; q++) a0[q] = a1[q] = a2[q] = a3[q] = _mm512_setzero_ps();
+    for (int m = 0; m < np; m += 64) {
+        const int c = m + t;
+        const __m512 k0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kc + (size_t)c * ld)));
+        const __m512 k1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kc + (size_t)(c + 16) * ld)));
+        const __m512 k2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kc + (size_t)(c + 32) * ld)));
+        const __m512 k3 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kc + (size_t)(c + 48) * ld)));
+        for (int q = 0; q < ATTN_TILE; q++) {
+            a0[q] = _mm512_fmadd_ps(_mm512_set1_ps(qf[q][c]), k0, a0[q]);
+            a1[q] = _mm512_fmadd_ps(_mm512_set1_ps(qf[q][c + 16]), k1, a1[q]);
+            a2[q] = _mm512_fmadd_ps(_mm512_set1_ps(qf[q][c + 32]), k2, a2[q]);
+            a3[q] = _mm512_fmadd_ps(_mm512_set1_ps(qf[q][c + 48]), k3, a3[q]);
+        }
+    }
+    for (int q = 0; q < ATTN_TILE; q++) r[q] = _mm512_add_ps(_mm512_add_ps(a0[q], a2[q]), _mm512_add_ps(a1[q], a3[q]));
+}
+
+AVX512_FN static inline void kq_vd_pair(const float *const qf[ATTN_TILE], const uint16_t *kc, size_t ld, int np, int t,
+                                        __m512 h[ATTN_TILE]) {
+    __m512 a[ATTN_TILE], b[ATTN_TILE];
+    kq_vd_lane(qf, kc, ld, np, t, a);
+    kq_vd_lane(qf, kc, ld, np, t + 8, b);
+    for (int q = 0; q < ATTN_TILE; q++) h[q] = _mm512_add_ps(b[q], a[q]);
+}
+
+/* kq_f16_avx512 in vec_dot order for ATTN_TILE queries, as kq_f16_tb_tile:
+ * the SIMD part summed lane by lane in reduce16's tree order, then the
+ * channels from np on added one by one in double. */
+AVX512_FN static void kq_f16_vd_tile(const float *const qf[ATTN_TILE], const uint16_t *kt, size_t ld, int hd, int c_lo,
+                                     int c_hi, float *const sc[ATTN_TILE]) {
+    const int np = hd & ~63;
+    for (int c0 = c_lo; c0 < c_hi; c0 += 16) {
+        const uint16_t *kc = kt + c0;
+        __m512 res[ATTN_TILE];
+        if (np > 0) {
+            __m512 h0[ATTN_TILE], h1[ATTN_TILE], s02[ATTN_TILE], q1[ATTN_TILE];
+            kq_vd_pair(qf, kc, ld, np, 0, h0);
+            kq_vd_pair(qf, kc, ld, np, 4, h1);
+            for (int q = 0; q < ATTN_TILE; q++) s02[q] = _mm512_add_ps(h1[q], h0[q]);
+            kq_vd_pair(qf, kc, ld, np, 2, h0);
+            kq_vd_pair(qf, kc, ld, np, 6, h1);
+            for (int q = 0; q < ATTN_TILE; q++) s02[q] = _mm512_add_ps(s02[q], _mm512_add_ps(h1[q], h0[q]));
+            kq_vd_pair(qf, kc, ld, np, 1, h0);
+            kq_vd_pair(qf, kc, ld, np, 5, h1);
+            for (int q = 0; q < ATTN_TILE; q++) q1[q] = _mm512_add_ps(h1[q], h0[q]);
+            kq_vd_pair(qf, kc, ld, np, 3, h0);
+            kq_vd_pair(qf, kc, ld, np, 7, h1);
+            for (int q = 0; q < ATTN_TILE; q++)
+                res[q] = _mm512_add_ps(s02[q], _mm512_add_ps(q1[q], _mm512_add_ps(h1[q], h0[q])));
+        } else {
+            for (int q = 0; q < ATTN_TILE; q++) res[q] = _mm512_setzero_ps();
+        }
+        if (np < hd) { /* the rest, one by one in double */
+            for (int q = 0; q < ATTN_TILE; q++) {
+                __m512d r0 = _mm512_cvtps_pd(_mm512_castps512_ps256(res[q]));
+                __m512d r1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(res[q], 1));
+                for (int c = np; c < hd; c++) {
+                    const __m512 k = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kc + (size_t)c * ld)));
+                    const __m512 p = _mm512_mul_ps(_mm512_set1_ps(qf[q][c]), k);
+                    r0 = _mm512_add_pd(r0, _mm512_cvtps_pd(_mm512_castps512_ps256(p)));
+                    r1 = _mm512_add_pd(r1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(p, 1)));
+                }
+                res[q] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(r0)), _mm512_cvtpd_ps(r1), 1);
+            }
+        }
+        for (int q = 0; q < ATTN_TILE; q++) _mm512_storeu_ps(sc[q] + c0, res[q]);
+    }
+}
+
+/* The double tail of pv_f16_vd_tile for channels c0..c0+nc-1 (nc <= 4):
+ * out[q][c0 + g] = (float)(sums[g][q] + terms np..n-1 in order), each term
+ * the float product V[c][j] * p[q][j] widened to double. */
+AVX512_FN static void pv_vd_tail_tile(const uint16_t *vt, size_t ld, int c0, int nc, const float *const p[ATTN_TILE],
+                                      int np, int n, float sums[4][ATTN_TILE], float *const out[ATTN_TILE]) {
+    _Static_assert(ATTN_TILE == 4, "the tail keeps one query per double lane of a ymm register");
+    __m256d acc[4];
+    for (int g = 0; g < 4; g++) acc[g] = _mm256_cvtps_pd(_mm_loadu_ps(sums[g]));
+    const uint16_t *v[4];
+    for (int g = 0; g < 4; g++) v[g] = vt + (size_t)(c0 + (g < nc ? g : 0)) * ld;
+    for (int j = np; j < n; j++) {
+        const __m128 pj = _mm_setr_ps(p[0][j], p[1][j], p[2][j], p[3][j]);
+        for (int g = 0; g < 4; g++)
+            acc[g] = _mm256_add_pd(acc[g], _mm256_cvtps_pd(_mm_mul_ps(_mm_set1_ps(_cvtsh_ss(v[g][j])), pj)));
+    }
+    for (int g = 0; g < nc; g++) {
+        float r[4];
+        _mm_storeu_ps(r, _mm256_cvtpd_ps(acc[g]));
+        for (int q = 0; q < ATTN_TILE; q++) out[q][c0 + g] = r[q];
+    }
+}
+
+/* pv_f16_avx512 in vec_dot order for ATTN_TILE queries of one row (same n
+ * and n_split): each V vector is widened once for all of them. The
+ * positions from np on are added one by one in double, as ggml does; that
+ * serial chain is run for the ATTN_TILE queries side by side (one double
+ * lane each) and for four channels at once, so it is no longer bound by the
+ * latency of one addition per term. */
+AVX512_FN static void pv_f16_vd_tile(const uint16_t *vt, size_t ld, int hd, const float *const p[ATTN_TILE], int n,
+                                     int n_split, float *const out[ATTN_TILE]) {
+    const int np = n_split & ~63, nm = n < np ? n : np;
+    float sums[4][ATTN_TILE]; /* the SIMD part of channels c0..c0+3 */
+    for (int c = 0; c < hd; c++) {
+        const uint16_t *v = vt + (size_t)c * ld;
+        __m512 a0[ATTN_TILE], a1[ATTN_TILE], a2[ATTN_TILE], a3[ATTN_TILE];
+        for (int q = 0; q < ATTN_TILE; q++) a0[q] = a1[q] = a2[q] = a3[q] = _mm512_setzero_ps();
+        int i = 0;
+        for (; i + 64 <= nm; i += 64) {
+            const __m512 x0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + i)));
+            const __m512 x1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + i + 16)));
+            const __m512 x2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + i + 32)));
+            const __m512 x3 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + i + 48)));
+            for (int q = 0; q < ATTN_TILE; q++) {
+                a0[q] = _mm512_fmadd_ps(x0, _mm512_loadu_ps(p[q] + i), a0[q]);
+                a1[q] = _mm512_fmadd_ps(x1, _mm512_loadu_ps(p[q] + i + 16), a1[q]);
+                a2[q] = _mm512_fmadd_ps(x2, _mm512_loadu_ps(p[q] + i + 32), a2[q]);
+                a3[q] = _mm512_fmadd_ps(x3, _mm512_loadu_ps(p[q] + i + 48), a3[q]);
+            }
+        }
+        /* the last partial group of 64: blocks j = 0..3 of it go to a_j, masked */
+#define PV_VD_TAIL(j, aj)                                                                           \
+        if (i + 16 * (j) < nm) {                                                                    \
+            const __mmask16 k = mask_first(nm - i - 16 * (j));                                      \
+            const __m512 x = load_h16(v + i + 16 * (j), k);                                         \
+            for (int q = 0; q < ATTN_TILE; q++)                                                     \
+                aj[q] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k, p[q] + i + 16 * (j)), aj[q]); \
+        }
+        PV_VD_TAIL(0, a0)
+        PV_VD_TAIL(1, a1)
+        PV_VD_TAIL(2, a2)
+        PV_VD_TAIL(3, a3)
+#undef PV_VD_TAIL
+        for (int q = 0; q < ATTN_TILE; q++)
+            sums[c & 3][q] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[q], a2[q]), _mm512_add_ps(a1[q], a3[q])));
+        if ((c & 3) == 3 || c == hd - 1) pv_vd_tail_tile(vt, ld, c & ~3, c - (c & ~3) + 1, p, np, n, sums, out);
+    }
+}
+
 typedef struct attn_kernels {
     void (*kq_f16)(const float *q, const uint16_t *kt, size_t ld, int hd, int lo, int n, bool tb, float *scores);
     void (*kq_f32)(const float *q, const float *kt, size_t ld, int hd, int lo, int n, float *scores);
@@ -592,11 +873,24 @@ static const attn_kernels_t *kernels_best(void) {
 
 /* ==== Decoder ========================================================== */
 
-/* One thread's attention scratch. */
+/* One thread's attention scratch; stride = n_ctx + 16 rounded up to 16.
+ * A single query uses slot 0 of scores and probs. */
 typedef struct attn_scratch {
-    float *scores;            /* [n_ctx + 16] K.Q, then exp values */
-    float *probs;             /* [n_ctx + 16] probabilities (values of f16s with an F16 cache) */
+    float *scores;            /* [ATTN_TILE + 1][stride] K.Q, then exp values (the last slot takes padding) */
+    float *probs;             /* [ATTN_TILE][stride] probabilities (values of f16s with an F16 cache) */
+    float *qf;                /* [ATTN_TILE][head_dim] queries rounded to f16 */
+    float *pad_out;           /* [head_dim] output of padding queries */
 } attn_scratch_t;
+
+/* One attention work item: nq queries of one KV head and one sequence,
+ * taken in (row, head) order from (row, head): after the last query head
+ * of the KV group comes the first one of the next row. nq > 1 only for
+ * queries the tiled kernels can run (see build_attn_items). */
+typedef struct attn_item {
+    int32_t row;
+    int16_t head;
+    int16_t nq;
+} attn_item_t;
 
 struct vlm_decoder {
     const vlm_llama_t *m;
@@ -629,6 +923,9 @@ struct vlm_decoder {
     int32_t *seq_n_kv;        /* [n_seq] llama.cpp's n_kv for it: last position + 1, rounded up to 32 */
 
     attn_scratch_t *scratch;  /* [n_threads] */
+    size_t scratch_stride;    /* floats per scores / probs slot */
+    attn_item_t *items;       /* [n_batch_max * n_head] attention work of the current chunk */
+    int32_t n_items;
 
     /* The chunk being run (set by forward_chunk, read by the attention workers). */
     const int32_t *row_pos;   /* [n rows] */
@@ -636,6 +933,11 @@ struct vlm_decoder {
     int32_t layer;
     int32_t n_act;
     atomic_int next_item;
+
+    /* The row section being run (rows_worker). */
+    int sec_op;               /* rows_op_t */
+    int32_t sec_n;            /* rows */
+    const float *sec_w;       /* [n_embd] norm weights */
 };
 
 /* Test hook (declared in llama_impl.h): use the scalar reference kernels. */
@@ -682,13 +984,19 @@ int vlm_decoder_new(const vlm_llama_t *m, vlm_kv_cache_t *kv, vlm_pool_t *pool, 
     d->seq_rows = malloc((size_t)kv->n_seq * sizeof(int32_t));
     d->seq_n_kv = malloc((size_t)kv->n_seq * sizeof(int32_t));
     d->scratch = calloc((size_t)d->n_threads, sizeof *d->scratch);
+    d->items = malloc(nb * (size_t)hp->n_head * sizeof *d->items);
     if (!d->x || !d->x2 || !d->xn || !d->q || !d->k || !d->v || !d->attn || !d->proj || !d->gate || !d->up ||
-        !d->rope || !d->sel || !d->out_idx || !d->seq_next || !d->seq_rows || !d->seq_n_kv || !d->scratch)
+        !d->rope || !d->sel || !d->out_idx || !d->seq_next || !d->seq_rows || !d->seq_n_kv || !d->scratch ||
+        !d->items)
         goto fail_nomem;
+    d->scratch_stride = ((size_t)kv->n_ctx + 16 + 15) & ~(size_t)15;
     for (int t = 0; t < d->n_threads; t++) {
-        d->scratch[t].scores = malloc(((size_t)kv->n_ctx + 16) * sizeof(float));
-        d->scratch[t].probs = malloc(((size_t)kv->n_ctx + 16) * sizeof(float));
-        if (!d->scratch[t].scores || !d->scratch[t].probs) goto fail_nomem;
+        attn_scratch_t *sc = &d->scratch[t];
+        sc->scores = malloc((ATTN_TILE + 1) * d->scratch_stride * sizeof(float));
+        sc->probs = malloc(ATTN_TILE * d->scratch_stride * sizeof(float));
+        sc->qf = malloc(ATTN_TILE * (size_t)hp->head_dim * sizeof(float));
+        sc->pad_out = malloc((size_t)hp->head_dim * sizeof(float));
+        if (!sc->scores || !sc->probs || !sc->qf || !sc->pad_out) goto fail_nomem;
     }
     *out = d;
     return VLM_OK;
@@ -705,9 +1013,12 @@ void vlm_decoder_destroy(vlm_decoder_t **self_p) {
         for (int t = 0; t < d->n_threads; t++) {
             free(d->scratch[t].scores);
             free(d->scratch[t].probs);
+            free(d->scratch[t].qf);
+            free(d->scratch[t].pad_out);
         }
     }
     free(d->scratch);
+    free(d->items);
     free(d->seq_n_kv);
     free(d->seq_rows);
     free(d->seq_next);
@@ -735,16 +1046,28 @@ void vlm_decoder_set_trace(vlm_decoder_t *d, vlm_decoder_trace_fn fn, void *user
 
 /* ---- forward helpers --------------------------------------------------- */
 
-/* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for n rows of width n_embd. */
-static void rms_norm_rows(const float *x, int32_t n, int32_t n_embd, const float *w, float eps, float *y) {
-    for (int32_t r = 0; r < n; r++) {
-        const float *xr = x + (size_t)r * n_embd;
-        float *yr = y + (size_t)r * n_embd;
-        double sum = 0.0;
-        for (int32_t i = 0; i < n_embd; i++) sum += (double)(xr[i] * xr[i]);
-        const float mean = (float)(sum / n_embd);
-        const float scale = 1.0f / sqrtf(mean + eps);
-        for (int32_t i = 0; i < n_embd; i++) yr[i] = (xr[i] * scale) * w[i];
+/* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows [r0, r1) of width
+ * n_embd. Each row's sum of squares is one serial chain of double
+ * additions (ggml's order), so four rows are summed side by side to keep
+ * more than one addition in flight. */
+static void rms_norm_rows(const float *x, int32_t r0, int32_t r1, int32_t n_embd, const float *w, float eps, float *y) {
+    for (int32_t r = r0; r < r1; r += 4) {
+        const int32_t nr = r1 - r < 4 ? r1 - r : 4;
+        const float *xr[4];
+        for (int32_t k = 0; k < 4; k++) xr[k] = x + (size_t)(r + (k < nr ? k : 0)) * n_embd;
+        double sum[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int32_t i = 0; i < n_embd; i++) {
+            sum[0] += (double)(xr[0][i] * xr[0][i]);
+            sum[1] += (double)(xr[1][i] * xr[1][i]);
+            sum[2] += (double)(xr[2][i] * xr[2][i]);
+            sum[3] += (double)(xr[3][i] * xr[3][i]);
+        }
+        for (int32_t k = 0; k < nr; k++) {
+            const float mean = (float)(sum[k] / n_embd);
+            const float scale = 1.0f / sqrtf(mean + eps);
+            float *yr = y + (size_t)(r + k) * n_embd;
+            for (int32_t i = 0; i < n_embd; i++) yr[i] = (xr[k][i] * scale) * w[i];
+        }
     }
 }
 
@@ -762,18 +1085,25 @@ static void rope_table(const vlm_llama_t *m, int32_t pos, float *cs) {
     }
 }
 
-/* Writes the K and V rows of chunk row r of layer l into the cache. */
-static void kv_store_row(vlm_kv_cache_t *kv, int32_t l, int32_t seq, int32_t pos, const float *k, const float *v) {
-    const size_t slot = (size_t)l * kv->n_seq + (size_t)seq, kv_dim = (size_t)kv->kv_dim, ld = kv->ld;
-    const size_t off = slot * kv_dim * ld + (size_t)pos;
-    if (kv->type == VLM_DTYPE_F16) {
-        uint16_t *kd = (uint16_t *)kv->k + off, *vd = (uint16_t *)kv->v + off;
-        for (size_t c = 0; c < kv_dim; c++) kd[c * ld] = vlm_fp32_to_fp16(k[c]);
-        for (size_t c = 0; c < kv_dim; c++) vd[c * ld] = vlm_fp32_to_fp16(v[c]);
-    } else {
-        float *kd = (float *)kv->k + off, *vd = (float *)kv->v + off;
-        for (size_t c = 0; c < kv_dim; c++) kd[c * ld] = k[c];
-        for (size_t c = 0; c < kv_dim; c++) vd[c * ld] = v[c];
+/* Writes channels [c0, c1) of the K and V rows of chunk rows [0, n) of
+ * layer l into the cache (k, v: [n][kv_dim]). Channel-major, so a thread
+ * writes runs of consecutive positions of its own channels. */
+static void kv_store(vlm_kv_cache_t *kv, int32_t l, const int32_t *row_seq, const int32_t *row_pos, int32_t n,
+                     const float *k, const float *v, size_t c0, size_t c1) {
+    const size_t kv_dim = (size_t)kv->kv_dim, ld = kv->ld;
+    for (size_t c = c0; c < c1; c++) {
+        for (int32_t r = 0; r < n; r++) {
+            const size_t slot = (size_t)l * kv->n_seq + (size_t)row_seq[r];
+            const size_t off = (slot * kv_dim + c) * ld + (size_t)row_pos[r];
+            const size_t src = (size_t)r * kv_dim + c;
+            if (kv->type == VLM_DTYPE_F16) {
+                ((uint16_t *)kv->k)[off] = vlm_fp32_to_fp16(k[src]);
+                ((uint16_t *)kv->v)[off] = vlm_fp32_to_fp16(v[src]);
+            } else {
+                ((float *)kv->k)[off] = k[src];
+                ((float *)kv->v)[off] = v[src];
+            }
+        }
     }
 }
 
@@ -816,15 +1146,118 @@ static void attend(vlm_decoder_t *d, int32_t i, int32_t h, attn_scratch_t *s) {
     }
 }
 
-/* Pool worker: takes (row, head) items until none are left. */
+/* The first position whose V.P terms are summed for a row at position
+ * pos: attend()'s `from`. */
+static int32_t attn_from(const vlm_llama_hparams_t *hp, int32_t pos) {
+    const int32_t n = pos + 1;
+    const int32_t lo = hp->sliding_window > 0 && n > hp->sliding_window ? n - hp->sliding_window : 0;
+    return lo & ~63;
+}
+
+/* Whether chunk row i's queries can go through the tiled kernels: the
+ * AVX-512 kernels, an F16 cache, and either tinyBLAS order for both
+ * products (the sequence has >= 2 rows in the chunk and head_dim % 16 ==
+ * 0) or vec_dot order for both (a single row, whose tile is made of the
+ * query heads of one KV head). */
+static bool attn_tileable(const vlm_decoder_t *d, int32_t i) {
+    const vlm_llama_hparams_t *hp = &d->m->hp;
+    if (d->kern != &kernels_avx512 || d->kv->type != VLM_DTYPE_F16) return false;
+    return d->seq_rows[d->row_seq[i]] >= 2 ? hp->head_dim % 16 == 0 : hp->n_head > hp->n_head_kv;
+}
+
+/* Splits the attention of chunk rows [0, n) into work items: for each KV
+ * head, its queries in (row, head) order, up to ATTN_TILE per item as long
+ * as they are tileable, of one sequence and share `from`. */
+static void build_attn_items(vlm_decoder_t *d, int32_t n) {
+    const vlm_llama_hparams_t *hp = &d->m->hp;
+    const int32_t gs = hp->n_head / hp->n_head_kv;
+    int32_t n_items = 0;
+    for (int32_t g = 0; g < hp->n_head_kv; g++) {
+        attn_item_t *cur = NULL; /* the open item, which may still grow */
+        int32_t cur_seq = -1, cur_from = -1;
+        for (int32_t i = 0; i < n; i++) {
+            const bool tile = attn_tileable(d, i);
+            const int32_t seq = d->row_seq[i], from = attn_from(hp, d->row_pos[i]);
+            for (int32_t h = g * gs; h < (g + 1) * gs; h++) {
+                if (cur && tile && seq == cur_seq && from == cur_from && cur->nq < ATTN_TILE) {
+                    cur->nq++;
+                    continue;
+                }
+                attn_item_t *it = &d->items[n_items++];
+                *it = (attn_item_t){.row = i, .head = (int16_t)h, .nq = 1};
+                cur = tile ? it : NULL;
+                cur_seq = seq;
+                cur_from = from;
+            }
+        }
+    }
+    d->n_items = n_items;
+}
+
+/* attend() for the nq > 1 queries of item it (all tileable): the K and V
+ * head is read once for ATTN_TILE queries; missing queries are padded with
+ * copies of the first whose results go to scratch. A sequence with one row
+ * in the chunk (vec_dot order) has all its queries in that row. */
+static void attend_tile(vlm_decoder_t *d, const attn_item_t *it, attn_scratch_t *s) {
+    const vlm_llama_hparams_t *hp = &d->m->hp;
+    const vlm_kv_cache_t *kv = d->kv;
+    const int32_t hd = hp->head_dim, gs = hp->n_head / hp->n_head_kv, g = it->head / gs;
+    const int32_t seq = d->row_seq[it->row];
+    const int32_t from = attn_from(hp, d->row_pos[it->row]);
+    const float scale = 1.0f / sqrtf((float)hd);
+    const size_t slot = (size_t)d->layer * kv->n_seq + (size_t)seq, ld = kv->ld, stride = d->scratch_stride;
+    const uint16_t *kt = (const uint16_t *)kv->k + (slot * (size_t)kv->kv_dim + (size_t)g * hd) * ld;
+    const uint16_t *vt = (const uint16_t *)kv->v + (slot * (size_t)kv->kv_dim + (size_t)g * hd) * ld + from;
+
+    const float *qf[ATTN_TILE], *p[ATTN_TILE];
+    float *sc[ATTN_TILE], *out[ATTN_TILE];
+    int32_t lo[ATTN_TILE], n[ATTN_TILE];
+    int n_rel[ATTN_TILE];
+    int32_t c_lo = INT32_MAX, c_hi = 0, r = it->row, h = it->head;
+    for (int q = 0; q < ATTN_TILE; q++) {
+        if (q >= it->nq) { /* padding */
+            qf[q] = qf[0];
+            sc[q] = s->scores + ATTN_TILE * stride;
+            p[q] = p[0];
+            n_rel[q] = n_rel[0];
+            out[q] = s->pad_out;
+            continue;
+        }
+        n[q] = d->row_pos[r] + 1;
+        lo[q] = hp->sliding_window > 0 && n[q] > hp->sliding_window ? n[q] - hp->sliding_window : 0;
+        float *qq = s->qf + (size_t)q * hd;
+        round_q_f16_avx512(d->q + ((size_t)r * hp->n_head + (size_t)h) * hd, hd, qq);
+        qf[q] = qq;
+        sc[q] = s->scores + (size_t)q * stride;
+        p[q] = s->probs + (size_t)q * stride + from;
+        n_rel[q] = n[q] - from;
+        out[q] = d->attn + ((size_t)r * hp->n_head + (size_t)h) * hd;
+        c_lo = lo[q] < c_lo ? lo[q] : c_lo;
+        c_hi = n[q] > c_hi ? n[q] : c_hi;
+        if (++h == (g + 1) * gs) {
+            h = g * gs;
+            r++;
+        }
+    }
+    /* scores, softmax per query (probabilities rounded to f16), then V.P */
+    const bool multi = d->seq_rows[seq] >= 2;
+    if (multi) kq_f16_tb_tile(qf, kt, ld, hd, c_lo & ~15, c_hi, sc);
+    else kq_f16_vd_tile(qf, kt, ld, hd, c_lo & ~15, c_hi, sc);
+    for (int q = 0; q < it->nq; q++) d->kern->softmax(sc[q], lo[q], n[q], scale, s->probs + (size_t)q * stride, true, from);
+    if (multi) pv_f16_tb_tile(vt, ld, hd, p, n_rel, out);
+    else pv_f16_vd_tile(vt, ld, hd, p, n_rel[0], d->seq_n_kv[seq] - from, out);
+}
+
+/* Pool worker: takes work items until none are left. */
 static void attend_worker(void *arg, int ith, int nth) {
     (void)nth;
     vlm_decoder_t *d = arg;
-    const int32_t n_head = d->m->hp.n_head, n_items = d->n_act * n_head;
     for (;;) {
         const int item = atomic_fetch_add_explicit(&d->next_item, 1, memory_order_relaxed);
-        if (item >= n_items) break;
-        attend(d, item / n_head, item % n_head, &d->scratch[ith]);
+        if (item >= d->n_items) break;
+        const attn_item_t *it = &d->items[item];
+        if (it->nq > 1) attend_tile(d, it, &d->scratch[ith]);
+        else attend(d, it->row, it->head, &d->scratch[ith]);
     }
 }
 
@@ -838,6 +1271,80 @@ static void trace(vlm_decoder_t *d, const char *name, int32_t layer, const float
     d->trace(d->trace_user, name, data, rows, cols);
 }
 
+/* ---- row-parallel sections --------------------------------------------- */
+
+/* The element-wise steps between the matmuls, split across the pool. */
+typedef enum rows_op {
+    ROWS_NORM,         /* xn = norm(x) */
+    ROWS_ADD_NORM,     /* x += proj, then xn = norm(x) */
+    ROWS_SEL_ADD_NORM, /* x2[i] = proj[sel[i]] + x[sel[i]], then xn[i] = norm(x2[i]) */
+    ROWS_ROPE,         /* RoPE on q and k */
+    ROWS_KV_STORE,     /* k and v into the cache, split by channels */
+    ROWS_SILU,         /* gate = silu(gate) * up */
+} rows_op_t;
+
+/* Fewer rows than this run on the calling thread: a fork-join would cost
+ * more than it saves (a decode step has one row). */
+enum { ROWS_PAR_MIN = 8 };
+
+static void rows_worker(void *arg, int ith, int nth) {
+    vlm_decoder_t *d = arg;
+    const vlm_llama_hparams_t *hp = &d->m->hp;
+    const int32_t n = d->sec_n, n_embd = hp->n_embd;
+    long lo, hi;
+    if (d->sec_op == ROWS_KV_STORE) {
+        vlm_pool_range((long)d->kv->kv_dim, ith, nth, &lo, &hi);
+        kv_store(d->kv, d->layer, d->row_seq, d->row_pos, n, d->k, d->v, (size_t)lo, (size_t)hi);
+        return;
+    }
+    /* rows in groups of 4 (rms_norm_rows sums 4 rows side by side) */
+    vlm_pool_range((long)(n + 3) / 4, ith, nth, &lo, &hi);
+    const int32_t r0 = (int32_t)lo * 4, r1 = (int32_t)hi * 4 < n ? (int32_t)hi * 4 : n;
+    if (r0 >= r1) return;
+    switch (d->sec_op) {
+    case ROWS_NORM:
+        rms_norm_rows(d->x, r0, r1, n_embd, d->sec_w, hp->rms_eps, d->xn);
+        break;
+    case ROWS_ADD_NORM:
+        for (size_t e = (size_t)r0 * n_embd; e < (size_t)r1 * n_embd; e++) d->x[e] = d->proj[e] + d->x[e];
+        rms_norm_rows(d->x, r0, r1, n_embd, d->sec_w, hp->rms_eps, d->xn);
+        break;
+    case ROWS_SEL_ADD_NORM:
+        for (int32_t i = r0; i < r1; i++) {
+            const size_t r = (size_t)d->sel[i] * n_embd;
+            float *yr = d->x2 + (size_t)i * n_embd;
+            for (int32_t c = 0; c < n_embd; c++) yr[c] = d->proj[r + c] + d->x[r + c];
+        }
+        rms_norm_rows(d->x2, r0, r1, n_embd, d->sec_w, hp->rms_eps, d->xn);
+        break;
+    case ROWS_ROPE: {
+        const int32_t n_q = hp->n_head * hp->head_dim, kv_dim = d->kv->kv_dim;
+        for (int32_t r = r0; r < r1; r++) {
+            const float *cs = d->rope + (size_t)r * hp->n_rot;
+            d->kern->rope(d->q + (size_t)r * n_q, hp->n_head, hp->head_dim, hp->n_rot, cs);
+            d->kern->rope(d->k + (size_t)r * kv_dim, hp->n_head_kv, hp->head_dim, hp->n_rot, cs);
+        }
+        break;
+    }
+    case ROWS_SILU:
+        for (int32_t r = r0; r < r1; r++)
+            d->kern->silu_mul(d->gate + (size_t)r * hp->n_ff, d->up + (size_t)r * hp->n_ff, hp->n_ff);
+        break;
+    default:
+        VLM_ASSERT(!"unknown row section");
+    }
+}
+
+/* Runs row section op over n rows (w: the norm weights, if any). */
+static void rows_run(vlm_decoder_t *d, rows_op_t op, int32_t n, const float *w) {
+    if (n <= 0) return;
+    d->sec_op = op;
+    d->sec_n = n;
+    d->sec_w = w;
+    if (n < ROWS_PAR_MIN) rows_worker(d, 0, 1);
+    else vlm_pool_run(d->pool, rows_worker, d);
+}
+
 /* ---- the forward pass ------------------------------------------------- */
 
 /* Runs rows [c0, c0 + n) of batch b (already validated; n <= n_batch_max)
@@ -846,8 +1353,7 @@ static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, in
     const vlm_llama_t *m = d->m;
     const vlm_llama_hparams_t *hp = &m->hp;
     vlm_kv_cache_t *kv = d->kv;
-    const int32_t n_embd = hp->n_embd, hd = hp->head_dim, n_ff = hp->n_ff;
-    const int32_t n_q = hp->n_head * hd, kv_dim = kv->kv_dim;
+    const int32_t n_embd = hp->n_embd;
     d->row_pos = b->pos + c0;
     d->row_seq = b->seq + c0;
 
@@ -873,6 +1379,9 @@ static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, in
     /* RoPE angles of each row's position, shared by all layers. */
     for (int32_t r = 0; r < n; r++) rope_table(m, d->row_pos[r], d->rope + (size_t)r * hp->n_rot);
 
+    /* Attention work items, the same in every layer. */
+    build_attn_items(d, n);
+
     /* The rows whose logits are wanted, in logits order. */
     int32_t n_out = 0;
     for (int32_t i = 0; i < b->n_logits; i++) {
@@ -882,34 +1391,29 @@ static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, in
     }
 
     int32_t n_act = n;
+    /* Attention norm of layer 0 (later layers get theirs with the residual). */
+    rows_run(d, ROWS_NORM, n_act, m->layers[0].attn_norm);
+    trace(d, "attn_norm", 0, d->xn, n_act, n_embd);
     for (int32_t l = 0; l < hp->n_layer; l++) {
         const vlm__llama_layer_t *L = &m->layers[l];
 
-        /* Attention norm. */
-        rms_norm_rows(d->x, n_act, n_embd, L->attn_norm, hp->rms_eps, d->xn);
-        trace(d, "attn_norm", l, d->xn, n_act, n_embd);
-
-        /* Q, K, V projections of every row. */
-        vlm_matmul(d->pool, &L->wq, d->xn, n_act, d->q);
-        vlm_matmul(d->pool, &L->wk, d->xn, n_act, d->k);
-        vlm_matmul(d->pool, &L->wv, d->xn, n_act, d->v);
-
-        /* RoPE on Q and K. */
-        for (int32_t r = 0; r < n_act; r++) {
-            const float *cs = d->rope + (size_t)r * hp->n_rot;
-            d->kern->rope(d->q + (size_t)r * n_q, hp->n_head, hd, hp->n_rot, cs);
-            d->kern->rope(d->k + (size_t)r * kv_dim, hp->n_head_kv, hd, hp->n_rot, cs);
+        /* Q, K, V projections of every row, in one parallel section. */
+        {
+            const vlm_weight_t *const ws[3] = {&L->wq, &L->wk, &L->wv};
+            float *const ys[3] = {d->q, d->k, d->v};
+            vlm_matmul_multi(d->pool, ws, 3, d->xn, n_act, ys);
         }
 
-        /* K and V into the cache, before any row attends (rows see earlier rows of the batch). */
-        for (int32_t r = 0; r < n_act; r++)
-            kv_store_row(kv, l, d->row_seq[r], d->row_pos[r], d->k + (size_t)r * kv_dim, d->v + (size_t)r * kv_dim);
+        /* RoPE on Q and K, then K and V into the cache, before any row attends
+         * (rows see earlier rows of the batch). */
+        d->layer = l;
+        rows_run(d, ROWS_ROPE, n_act, NULL);
+        rows_run(d, ROWS_KV_STORE, n_act, NULL);
 
         /* In the last layer without logits rows nothing more is needed. */
         if (l == hp->n_layer - 1 && n_out == 0) return;
 
-        /* Attention, (row, head) items across the pool. */
-        d->layer = l;
+        /* Attention, work items across the pool. */
         d->n_act = n_act;
         atomic_store(&d->next_item, 0);
         vlm_pool_run(d->pool, attend_worker, d);
@@ -926,34 +1430,29 @@ static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, in
             for (int32_t i = 0; i < n_act; i++) d->sel[i] = i;
         }
 
-        /* Residual: ffn_inp = attn_output(attn) + x. */
-        for (int32_t i = 0; i < n_act; i++) {
-            const size_t r = (size_t)d->sel[i] * n_embd;
-            float *yr = d->x2 + (size_t)i * n_embd;
-            for (int32_t c = 0; c < n_embd; c++) yr[c] = d->proj[r + c] + d->x[r + c];
-        }
+        /* Residual, ffn_inp = attn_output(attn) + x (into x2, then swapped), and the FFN norm. */
+        rows_run(d, ROWS_SEL_ADD_NORM, n_act, L->ffn_norm);
         float *tmp = d->x;
         d->x = d->x2;
         d->x2 = tmp;
         trace(d, "ffn_inp", l, d->x, n_act, n_embd);
 
-        /* FFN norm. */
-        rms_norm_rows(d->x, n_act, n_embd, L->ffn_norm, hp->rms_eps, d->xn);
-
         /* SwiGLU: down(silu(gate(x)) * up(x)). */
-        vlm_matmul(d->pool, &L->ffn_gate, d->xn, n_act, d->gate);
-        vlm_matmul(d->pool, &L->ffn_up, d->xn, n_act, d->up);
-        for (int32_t i = 0; i < n_act; i++)
-            d->kern->silu_mul(d->gate + (size_t)i * n_ff, d->up + (size_t)i * n_ff, n_ff);
+        {
+            const vlm_weight_t *const ws[2] = {&L->ffn_gate, &L->ffn_up};
+            float *const ys[2] = {d->gate, d->up};
+            vlm_matmul_multi(d->pool, ws, 2, d->xn, n_act, ys);
+        }
+        rows_run(d, ROWS_SILU, n_act, NULL);
         vlm_matmul(d->pool, &L->ffn_down, d->gate, n_act, d->proj);
 
-        /* Residual: l_out = ffn_out + ffn_inp. */
-        for (size_t e = 0; e < (size_t)n_act * n_embd; e++) d->x[e] = d->proj[e] + d->x[e];
+        /* Residual, l_out = ffn_out + ffn_inp, and the next norm (the next layer's
+         * attention norm, or the final norm). */
+        const bool last = l == hp->n_layer - 1;
+        rows_run(d, ROWS_ADD_NORM, n_act, last ? m->output_norm : m->layers[l + 1].attn_norm);
         trace(d, "l_out", l, d->x, n_act, n_embd);
+        if (!last) trace(d, "attn_norm", l + 1, d->xn, n_act, n_embd);
     }
-
-    /* Final norm. */
-    rms_norm_rows(d->x, n_act, n_embd, m->output_norm, hp->rms_eps, d->xn);
     trace(d, "result_norm", -1, d->xn, n_act, n_embd);
 
     /* Logits, one matmul per run of consecutive logits indexes (normally one). */

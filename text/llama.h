@@ -58,7 +58,9 @@ typedef struct vlm_llama_hparams {
 typedef struct vlm_llama vlm_llama_t;
 
 typedef struct vlm_llama_opts {
-    int prepare_flags;        /* passed to vlm_weight_prepare() for every matmul weight */
+    int prepare_flags;        /* passed to vlm_weight_prepare() for every matmul weight; with 0 (the
+                               * default) quantized weights are repacked into panels and their file
+                               * pages released (token_embd, read by rows, stays mapped) */
     bool no_sliding_window;   /* ignore llama.attention.sliding_window, as llama.cpp c392e50 does */
 } vlm_llama_opts_t;
 
@@ -76,8 +78,9 @@ void vlm_llama_destroy(vlm_llama_t **self_p);
 /* The model's hyper-parameters (owned by the model). */
 const vlm_llama_hparams_t *vlm_llama_hparams(const vlm_llama_t *m);
 
-/* Bytes of weight data the model reads (file tensors plus what
- * vlm_weight_prepare added). */
+/* Bytes of weight data the model holds: the file tensors it reads in place
+ * plus the repacked copies vlm_weight_prepare made (whose file pages were
+ * dropped). */
 size_t vlm_llama_weight_bytes(const vlm_llama_t *m);
 
 /* Writes token's input embedding (token_embd row, dequantized) to out

@@ -3,8 +3,11 @@
  * Reads the llama.* hyper-parameters with llama.cpp's defaults, then finds
  * and checks every tensor the decoder uses (shape and type, with errors
  * naming the tensor), so that a bad file fails here and never in the
- * forward pass. Matmul weights stay in the GGUF mapping (vlm_weight_t);
- * the small 1-D tensors (norm weights, rope_freqs) are copied to f32.
+ * forward pass. Quantized matmul weights are repacked into interleaved
+ * panels in anonymous memory (vlm_weight_prepare) and their file pages are
+ * dropped from RSS, so the process holds about one copy of the file; float
+ * weights and token_embd (looked up by rows) stay in the GGUF mapping. The
+ * small 1-D tensors (norm weights, rope_freqs) are copied to f32.
  */
 #include <math.h>
 #include <stdio.h>
@@ -179,9 +182,13 @@ static int load_vec(const vlm_gguf_t *g, const char *name, int64_t n, float *dst
                : vlm_error_set(err, VLM_ERR_TYPE, "%s: %s: cannot convert to f32", vlm_gguf_path(g), name);
 }
 
-/* Checks a 2-D weight {n_in, n_out} and fills w. */
+/* Checks a 2-D weight {n_in, n_out}, fills w and prepares it. A quantized
+ * weight that got repacked panels is never read from the file again, so
+ * its file pages are dropped from RSS (unless keep_mapped: token_embd,
+ * whose rows are looked up, when the output matrix is tied to it); the
+ * prepared copy replaces them in *bytes. */
 static int load_weight(const vlm_gguf_t *g, const char *name, int64_t n_in, int64_t n_out, int prepare_flags,
-                       vlm_weight_t *w, size_t *bytes, vlm_error_t *err) {
+                       bool keep_mapped, vlm_weight_t *w, size_t *bytes, vlm_error_t *err) {
     const vlm_gguf_tensor_t *t;
     int64_t ne[2] = {n_in, n_out};
     int rc = vlm_gguf_expect_tensor(g, name, 2, ne, matmul_type_mask(), &t, err);
@@ -189,7 +196,13 @@ static int load_weight(const vlm_gguf_t *g, const char *name, int64_t n_in, int6
     if ((rc = vlm_weight_from_tensor(w, t, err))) return rc;
     size_t extra = 0;
     if ((rc = vlm_weight_prepare(w, prepare_flags, &extra, err))) return rc;
-    *bytes += t->nbytes + extra;
+    const bool is_float = t->type == VLM_DTYPE_F32 || t->type == VLM_DTYPE_F16 || t->type == VLM_DTYPE_BF16;
+    if (extra > 0 && !is_float && !keep_mapped) {
+        (void)vlm_gguf_release_range(g, t->data, t->nbytes); /* best effort: only RSS is at stake */
+        *bytes += extra;
+    } else {
+        *bytes += t->nbytes + extra;
+    }
     return VLM_OK;
 }
 
@@ -253,7 +266,7 @@ int vlm_llama_load(const vlm_gguf_t *g, const vlm_llama_opts_t *opts, vlm_llama_
     /* Output projection; without output.weight the embeddings are tied. */
     m->hp.tied_output = vlm_gguf_find_tensor(g, "output.weight") == NULL;
     if ((rc = load_weight(g, m->hp.tied_output ? "token_embd.weight" : "output.weight", n_embd, hp->n_vocab,
-                          o.prepare_flags, &m->output, &m->weight_bytes, err)))
+                          o.prepare_flags, m->hp.tied_output, &m->output, &m->weight_bytes, err)))
         goto fail_weights;
     if (m->hp.tied_output) m->weight_bytes -= m->tok_embd->nbytes; /* counted once */
 
@@ -283,23 +296,23 @@ int vlm_llama_load(const vlm_gguf_t *g, const vlm_llama_opts_t *opts, vlm_llama_
         if ((rc = load_vec(g, LAYER_NAME("attn_norm.weight"), n_embd, nf, err))) goto fail_weights;
         L->attn_norm = nf;
         nf += n_embd;
-        if ((rc = load_weight(g, LAYER_NAME("attn_q.weight"), n_embd, n_q, o.prepare_flags, &L->wq,
+        if ((rc = load_weight(g, LAYER_NAME("attn_q.weight"), n_embd, n_q, o.prepare_flags, false, &L->wq,
                               &m->weight_bytes, err)) ||
-            (rc = load_weight(g, LAYER_NAME("attn_k.weight"), n_embd, n_kv, o.prepare_flags, &L->wk,
+            (rc = load_weight(g, LAYER_NAME("attn_k.weight"), n_embd, n_kv, o.prepare_flags, false, &L->wk,
                               &m->weight_bytes, err)) ||
-            (rc = load_weight(g, LAYER_NAME("attn_v.weight"), n_embd, n_kv, o.prepare_flags, &L->wv,
+            (rc = load_weight(g, LAYER_NAME("attn_v.weight"), n_embd, n_kv, o.prepare_flags, false, &L->wv,
                               &m->weight_bytes, err)) ||
-            (rc = load_weight(g, LAYER_NAME("attn_output.weight"), n_q, n_embd, o.prepare_flags, &L->wo,
+            (rc = load_weight(g, LAYER_NAME("attn_output.weight"), n_q, n_embd, o.prepare_flags, false, &L->wo,
                               &m->weight_bytes, err)))
             goto fail_weights;
         if ((rc = load_vec(g, LAYER_NAME("ffn_norm.weight"), n_embd, nf, err))) goto fail_weights;
         L->ffn_norm = nf;
         nf += n_embd;
-        if ((rc = load_weight(g, LAYER_NAME("ffn_gate.weight"), n_embd, hp->n_ff, o.prepare_flags, &L->ffn_gate,
+        if ((rc = load_weight(g, LAYER_NAME("ffn_gate.weight"), n_embd, hp->n_ff, o.prepare_flags, false, &L->ffn_gate,
                               &m->weight_bytes, err)) ||
-            (rc = load_weight(g, LAYER_NAME("ffn_up.weight"), n_embd, hp->n_ff, o.prepare_flags, &L->ffn_up,
+            (rc = load_weight(g, LAYER_NAME("ffn_up.weight"), n_embd, hp->n_ff, o.prepare_flags, false, &L->ffn_up,
                               &m->weight_bytes, err)) ||
-            (rc = load_weight(g, LAYER_NAME("ffn_down.weight"), hp->n_ff, n_embd, o.prepare_flags, &L->ffn_down,
+            (rc = load_weight(g, LAYER_NAME("ffn_down.weight"), hp->n_ff, n_embd, o.prepare_flags, false, &L->ffn_down,
                               &m->weight_bytes, err)))
             goto fail_weights;
         m->weight_bytes += 2 * (size_t)n_embd * sizeof(float);

@@ -24,7 +24,7 @@ parse_caption() maps a caption back to its set of objects, for caption
 accuracy.
 
 Used as a module (import scenes) by the trainer and tools/eval, and as a CLI:
-    tools/scenes/scenes.py --first-seed 2000000 --count 4 --out DIR [--size 64]
+    tools/scenes/scenes.py --first-seed 2000000 --count 4 --out DIR [--size 60]
         [--format png|jpeg|both]
 writes DIR/scene-<seed>.png|.jpg and DIR/scenes.jsonl (caption, questions).
 """
@@ -75,6 +75,7 @@ RELATIONS = ["left of", "right of", "above", "below"]
 BACKGROUNDS = ["flat", "gradient", "noise", "stripes", "checker", "blotches"]
 
 CAPTION_PROMPT = "Describe the image."
+DEFAULT_SIZE = 60   # the bundled model's clip.vision.image_size
 
 # Relative geometry (fractions of the image side).
 _RADIUS = {"small": 0.075, "large": 0.13}
@@ -212,9 +213,14 @@ def encode(img, fmt="png", quality=90):
 
 # ==== Language =============================================================
 
-def describe(o, article="a"):
+def article(word):
+    """'an' before a vowel ('an orange star'), else 'a'."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def describe(o):
     """'a small red circle' (no position)."""
-    return "%s %s %s %s" % (article, o["size"], o["color"], o["shape"])
+    return "a %s %s %s" % (o["size"], o["color"], o["shape"])
 
 
 def join_list(items):
@@ -349,7 +355,7 @@ def make_question(scene, qtype, rng):
         return "How many %s shapes are there?" % color, NUMBER_WORDS[n]
     if qtype == "presence":
         if rng.random() < 0.5:
-            return "Is there a %s %s?" % (o["color"], o["shape"]), "yes"
+            return "Is there %s %s %s?" % (article(o["color"]), o["color"], o["shape"]), "yes"
         # A near miss: change the colour or the shape of an existing object
         # until no object matches.
         for _ in range(20):
@@ -358,8 +364,8 @@ def make_question(scene, qtype, rng):
             else:
                 c, s = o["color"], SHAPES[rng.integers(len(SHAPES))]
             if all((p["color"], p["shape"]) != (c, s) for p in objs):
-                return "Is there a %s %s?" % (c, s), "no"
-        return "Is there a %s %s?" % (o["color"], o["shape"]), "yes"
+                return "Is there %s %s %s?" % (article(c), c, s), "no"
+        return "Is there %s %s %s?" % (article(o["color"]), o["color"], o["shape"]), "yes"
     if qtype == "position":
         named = [p for p in objs if not _reference(p, objs).startswith("the shape ")]
         if named and rng.random() < 0.5:
@@ -456,7 +462,8 @@ def main(argv=None):
     ap.add_argument("--first-seed", type=int, default=TEST_BEGIN)
     ap.add_argument("--count", type=int, default=8)
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    ap.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                    help="image side in pixels (default %d, the bundled model's)" % DEFAULT_SIZE)
     ap.add_argument("--format", choices=["png", "jpeg", "both"], default="png")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality")
     args = ap.parse_args(argv)

@@ -60,14 +60,22 @@ def normalize_u8(a, mean=CLIP_MEAN, std=CLIP_STD):
 # ==== Samples ==============================================================
 
 class SampleMaker:
-    """Builds tokenized samples. caption_frac: share of caption turns (the
-    rest is spread over the QA types); jpeg_prob: share of images that go
-    through a JPEG round trip (quality 60-95) so JPEG inputs work too."""
+    """Builds tokenized training images with their turns.
 
-    def __init__(self, vocab, image_size, run_seed=0, caption_frac=0.5, jpeg_prob=0.2):
+    Image i of a run has `turns` turns that share its prefix and image rows
+    (each turn is a complete single-turn sample: the trainer computes the
+    prefix and the image rows once and lets every turn attend to them, which
+    is the same computation as `turns` separate samples at a fraction of the
+    cost): turn 0 is the caption with probability caption_frac (else a
+    question), the others are questions of distinct types. jpeg_prob: share
+    of images that go through a JPEG round trip (quality 60-95), so that
+    JPEG inputs work too."""
+
+    def __init__(self, vocab, image_size, run_seed=0, turns=4, caption_frac=1.0, jpeg_prob=0.2):
         self.vocab = vocab
         self.image_size = image_size
         self.run_seed = run_seed
+        self.turns = turns
         self.caption_frac = caption_frac
         self.jpeg_prob = jpeg_prob
         self.prefix_ids = vocab.encode(vocab_mod.SYSTEM_PART, add_bos=True)
@@ -88,7 +96,8 @@ class SampleMaker:
         return self.encode_cached(answer) + [vocab_mod.EOS]
 
     def sample(self, i):
-        """Sample i: dict(pixels uint8 [S][S][3], user ids, answer ids, kind)."""
+        """Image i: dict(pixels uint8 [S][S][3], turns: list of dict(user ids,
+        answer ids, kind))."""
         rng = np.random.default_rng([self.run_seed, int(i), 77])
         seed = int(rng.integers(scenes.TRAIN_BEGIN, scenes.TRAIN_END))
         sc = scenes.make_scene(seed)
@@ -96,40 +105,58 @@ class SampleMaker:
         if rng.random() < self.jpeg_prob:
             q = int(rng.integers(60, 96))
             img = Image.open(io.BytesIO(scenes.encode(img, "jpeg", q))).convert("RGB")
+        kinds = list(rng.permutation(scenes.QA_TYPES))
         if rng.random() < self.caption_frac:
-            kind, qtext, answer = "caption", scenes.CAPTION_PROMPT, scenes.caption(sc)
-        else:
-            kind = scenes.QA_TYPES[rng.integers(len(scenes.QA_TYPES))]
-            qtext, answer = scenes.make_question(sc, kind, rng)
-        return dict(pixels=np.asarray(img, np.uint8), user=self.user_ids(qtext),
-                    answer=self.answer_ids(answer), kind=kind)
+            kinds.insert(0, "caption")
+        turns = []
+        for k in range(self.turns):
+            kind = kinds[k % len(kinds)]
+            if kind == "caption":
+                qtext, answer = scenes.CAPTION_PROMPT, scenes.caption(sc)
+            else:
+                qtext, answer = scenes.make_question(sc, kind, rng)
+            turns.append(dict(user=self.user_ids(qtext), answer=self.answer_ids(answer), kind=kind))
+        cells = np.zeros((9, 3), np.int64)      # per cell: shape, colour, size (+1; 0 = empty)
+        for o in sc["objects"]:
+            cells[o["cell"]] = (1 + scenes.SHAPES.index(o["shape"]), 1 + scenes.COLOR_NAMES.index(o["color"]),
+                                1 + scenes.SIZES.index(o["size"]))
+        return dict(pixels=np.asarray(img, np.uint8), turns=turns, cells=cells)
 
-    def batch(self, step, batch_size):
-        return [self.sample(step * batch_size + j) for j in range(batch_size)]
+    def batch(self, step, n_images):
+        return [self.sample(step * n_images + j) for j in range(n_images)]
 
 
-def collate(samples, n_img, device):
-    """Tensors for one micro-batch (after the shared prefix):
-    pixels [B][3][S][S]; text_in [B][Lt] token ids (the user part and the
-    answer without its last token, right-padded with 0); pos_rest: the
-    length n_img + Lt; loss_idx: (batch index, row index) of every row that
-    predicts an answer token, with targets; n_ans."""
-    B = len(samples)
-    texts = [s["user"] + s["answer"][:-1] for s in samples]
-    Lt = max(len(t) for t in texts)
-    text_in = torch.zeros(B, Lt, dtype=torch.long)
-    bi, ri, tg = [], [], []
-    for b, s in enumerate(samples):
-        text_in[b, :len(texts[b])] = torch.tensor(texts[b])
-        Lu = len(s["user"])
-        for k, t in enumerate(s["answer"]):
-            bi.append(b)
-            ri.append(n_img + Lu - 1 + k)
-            tg.append(t)
-    pix = np.stack([normalize_u8(s["pixels"]) for s in samples])
-    return dict(pixels=torch.from_numpy(pix).to(device), text_in=text_in.to(device),
-                bi=torch.tensor(bi, device=device), ri=torch.tensor(ri, device=device),
-                targets=torch.tensor(tg, device=device))
+def collate(images, device, n_buckets=2):
+    """Tensors for one batch: pixels [B][3][S][S]; for the turns sorted
+    by length into n_buckets buckets, per bucket: text_in [Bb][Lt] (user
+    part + answer without its last token, right-padded with 0), img [Bb]
+    (the image each turn belongs to), and bi/ri/targets: the (row, position)
+    of every input that predicts an answer token, and that token; and the
+    cell labels [B][9][3] for the auxiliary head."""
+    pix = np.stack([normalize_u8(s["pixels"]) for s in images])
+    turns = [(b, t) for b, s in enumerate(images) for t in s["turns"]]
+    turns.sort(key=lambda bt: len(bt[1]["user"]) + len(bt[1]["answer"]))
+    size = (len(turns) + n_buckets - 1) // n_buckets
+    buckets = []
+    for start in range(0, len(turns), size):
+        part = turns[start:start + size]
+        texts = [t["user"] + t["answer"][:-1] for _, t in part]
+        Lt = max(len(x) for x in texts)
+        text_in = torch.zeros(len(part), Lt, dtype=torch.long)
+        bi, ri, tg = [], [], []
+        for r, (b, t) in enumerate(part):
+            text_in[r, :len(texts[r])] = torch.tensor(texts[r])
+            Lu = len(t["user"])
+            for k, tok in enumerate(t["answer"]):
+                bi.append(r)
+                ri.append(Lu - 1 + k)
+                tg.append(tok)
+        buckets.append(dict(text_in=text_in.to(device),
+                            img=torch.tensor([b for b, _ in part], device=device),
+                            bi=torch.tensor(bi, device=device), ri=torch.tensor(ri, device=device),
+                            targets=torch.tensor(tg, device=device)))
+    cells = torch.from_numpy(np.stack([s["cells"] for s in images])).to(device)    # [B][9][3]
+    return torch.from_numpy(pix).to(device), buckets, cells
 
 
 class BatchDataset(torch.utils.data.IterableDataset):

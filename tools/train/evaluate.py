@@ -9,7 +9,6 @@ scenes.questions(). A caption is right when parse_caption() gives exactly
 the scene's objects; an answer is right when it equals the expected answer
 after normalisation (case, surrounding spaces, a final full stop).
 """
-import json
 import os
 import sys
 
@@ -26,16 +25,6 @@ from model import Config, LlavaModel  # noqa: E402
 make_items = scenes.eval_items
 is_correct = scenes.answer_correct
 score = scenes.score
-
-
-def report_lines(res):
-    """The human-readable lines of a score() result (the JSON line comes last)."""
-    lines = ["caption accuracy: %.2f%% (%d captions)" % (100 * res["caption_accuracy"], res["n_captions"]),
-             "QA accuracy:      %.2f%% (%d questions)" % (100 * res["qa_accuracy"], res["n_questions"])]
-    for k, v in res["qa_by_type"].items():
-        lines.append("  %-9s %.2f%%" % (k, 100 * v))
-    lines.append(json.dumps(res))
-    return lines
 
 
 # ==== PyTorch greedy decoding =============================================
@@ -101,7 +90,7 @@ def torch_answers(model, vocab, items, image_size, batch=64, log=None):
                 cache[it["seed"]] = normalize_u8(np.asarray(img, np.uint8))
         pix = [cache[it["seed"]] for it in chunk]
         pixels = torch.from_numpy(np.stack(pix)).to(dev)
-        max_new = 64 if any(it["type"] == "caption" for it in chunk) else 24
+        max_new = 64  # as tools/eval asks the daemon (max_tokens 64)
         texts.extend(generate(model, vocab, pixels, [it["prompt"] for it in chunk], max_new))
         if log:
             log("  %d/%d" % (len(texts), len(items)))

@@ -15,11 +15,13 @@ The export writes v_layers + 1 vision blocks (clip.vision.block_count =
 v_layers + 1): llama.cpp runs block_count - 1 of them, as for a real LLaVA
 mmproj, and the extra block is an exact identity (zero output weights).
 
-`emulate=True` (reference check only) rounds like ggml's CPU backend:
-activations to f16 before every matmul with an F16 weight (and the pixel
-values before the patch embedding), K/V to f16 (the KV cache), Q to f16 for
-K*Q, the softmax probabilities to f16 for V*P in the text model, and the
-GELU / quick-GELU through f16 as ggml's tables do.
+`emulate=True` (or "all"; reference check only) rounds like ggml's CPU
+backend on a file with F16 weights: activations to f16 before every matmul
+(and the pixel values before the patch embedding), K/V to f16 (the KV
+cache), Q to f16 for K*Q, the softmax probabilities to f16 for V*P in the
+text model, and the GELU / quick-GELU through f16 as ggml's tables do.
+emulate="kv" does all but the matmul-input rounding (what ggml does with
+F32 weights).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -50,6 +52,7 @@ class Config:
     rope_theta: float = 10000.0
     rms_eps: float = 1e-5
     ln_eps: float = 1e-5
+    aux_head: bool = False     # training-only per-cell attribute head (never exported)
 
     @property
     def n_patches(self):
@@ -92,7 +95,7 @@ class Linear(nn.Linear):
     """nn.Linear whose input is rounded to f16 when emulating ggml."""
 
     def forward(self, x, emulate=False):
-        return F.linear(f16(x) if emulate else x, self.weight, self.bias)
+        return F.linear(f16(x) if emulate is True or emulate == "all" else x, self.weight, self.bias)
 
 
 # ==== Vision encoder + projector ==========================================
@@ -139,7 +142,15 @@ class Vision(nn.Module):
 
     def forward(self, img, emulate=False):
         """img: [B][3][S][S] normalised pixels -> [B][n_patches][d_model]."""
-        if emulate:
+        return self.project(self.features(img, emulate), emulate)
+
+    def project(self, x, emulate=False):
+        """ViT features [B][n_patches][v_width] -> image rows [B][n_patches][d_model]."""
+        return self.mm2(gelu_ggml(self.mm0(x, emulate), emulate), emulate)
+
+    def features(self, img, emulate=False):
+        """The ViT output without the class token: [B][n_patches][v_width]."""
+        if emulate is True or emulate == "all":
             img = f16(img)
         x = self.patch_embd(img)                            # [B][W][S/p][S/p]
         x = x.flatten(2).transpose(1, 2)                    # [B][n_patches][W], raster order
@@ -148,8 +159,7 @@ class Vision(nn.Module):
         x = self.pre_ln(x)
         for blk in self.blocks:
             x = blk(x, emulate)
-        x = x[:, 1:]
-        return self.mm2(gelu_ggml(self.mm0(x, emulate), emulate), emulate)
+        return x[:, 1:]
 
 
 # ==== LLaMA decoder =======================================================
@@ -190,10 +200,12 @@ class DecoderBlock(nn.Module):
         self.w_up = Linear(c.d_model, c.d_ff, bias=False)
         self.w_down = Linear(c.d_ff, c.d_model, bias=False)
 
-    def forward(self, x, pos, past, key_mask, emulate):
-        """x [B][T][d]; pos [B][T]; past None or (k, v) each [B or 1][n_kv][Tp][hd];
-        key_mask None or bool [B][Tp+T] (False = never attend). Returns
-        (x, (k, v)) with the keys/values of all Tp+T positions."""
+    def forward(self, x, pos, past, key_mask, emulate, past_index=None):
+        """x [B][T][d]; pos [B][T]; past None or (k, v) each [Bp][n_kv][Tp][hd]
+        where Bp is B, or 1 (shared by all rows), or anything when
+        past_index [B] says which past row each row continues; key_mask None
+        or bool [B][Tp+T] (False = never attend). Returns (x, (k, v)) with
+        the keys/values of all Tp+T positions."""
         c = self.c
         B, T, _ = x.shape
         H, KV = c.n_heads, c.n_kv_heads
@@ -208,7 +220,9 @@ class DecoderBlock(nn.Module):
             k, v, q = f16(k), f16(v), f16(q)
         if past is not None:
             pk, pv = past
-            if pk.shape[0] != B:
+            if past_index is not None:
+                pk, pv = pk.index_select(0, past_index), pv.index_select(0, past_index)
+            elif pk.shape[0] != B:
                 pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
             k = torch.cat([pk, k], dim=2)
             v = torch.cat([pv, v], dim=2)
@@ -235,11 +249,34 @@ class DecoderBlock(nn.Module):
         return x, new_past
 
 
+class AuxHead(nn.Module):
+    """Training-only: from the ViT features pooled over each cell of the
+    3x3 grid, logits for the cell's shape, colour and size (class 0 =
+    empty). Its loss teaches the encoder what a cell holds directly, which
+    the caption loss alone does slowly; it is not part of the exported
+    model and does not change what the exported model computes."""
+
+    def __init__(self, c, n_shapes, n_colors, n_sizes):
+        super().__init__()
+        self.c = c
+        self.sizes = (n_shapes + 1, n_colors + 1, n_sizes + 1)
+        self.lin = nn.Linear(c.v_width, sum(self.sizes))
+
+    def forward(self, feats):
+        """feats [B][n_patches][W] -> three logit tensors [B][9][n_class]."""
+        B, N, W = feats.shape
+        g = self.c.image_size // self.c.patch
+        f = feats.transpose(1, 2).reshape(B, W, g, g)
+        f = F.adaptive_avg_pool2d(f, 3).flatten(2).transpose(1, 2)     # [B][9][W]
+        return torch.split(self.lin(f), self.sizes, dim=-1)
+
+
 class LlavaModel(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.c = c
         self.vision = Vision(c)
+        self.aux = AuxHead(c, 5, 8, 2) if c.aux_head else None
         self.tok_embd = nn.Embedding(c.n_vocab, c.d_model)
         self.blocks = nn.ModuleList([DecoderBlock(c) for _ in range(c.n_layers)])
         self.norm = RMSNorm(c.d_model, c.rms_eps)
@@ -261,15 +298,17 @@ class LlavaModel(nn.Module):
                 nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * self.c.v_layers))
 
     def n_params(self):
-        return sum(p.numel() for p in self.parameters())
+        """Parameters of the model as exported (the auxiliary head is not)."""
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("aux."))
 
-    def decode(self, x, pos, past=None, key_mask=None, emulate=False):
+    def decode(self, x, pos, past=None, key_mask=None, emulate=False, past_index=None):
         """Runs the decoder layers on input rows x [B][T][d] at positions pos
-        [B][T]. past: None or a list of per-layer (k, v). Returns (the final
-        normed hidden states [B][T][d], the new per-layer (k, v) list)."""
+        [B][T]. past: None or a list of per-layer (k, v) (see
+        DecoderBlock.forward for past_index). Returns (the final normed
+        hidden states [B][T][d], the new per-layer (k, v) list)."""
         new = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, pos, None if past is None else past[i], key_mask, emulate)
+            x, kv = blk(x, pos, None if past is None else past[i], key_mask, emulate, past_index)
             new.append(kv)
         return self.norm(x), new
 

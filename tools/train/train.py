@@ -13,9 +13,10 @@ and a cosine decay to 10% of --lr; the loss is on answer tokens only.
 Schedule length: --samples N fixes it (reproducible to the bit on one
 machine). With only --minutes, the cosine follows the elapsed fraction of
 the time budget instead (the run ends on time, with the learning rate
-decayed, but the number of steps depends on the machine's speed). With
-both, --samples sets the schedule and --minutes is a hard stop (resume
-later).
+decayed, but the number of steps depends on the machine's speed; the
+budget counts over resumes). With both, --samples sets the schedule and
+--minutes limits this invocation (resume later to go on). --resume with
+neither continues the saved schedule.
 
 Writes DIR/ckpt.pt (atomically, every --save-minutes and at the end),
 DIR/log.jsonl (one line per log/validation event) and prints progress:
@@ -48,8 +49,8 @@ def parse_args(argv):
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     ap.add_argument("--seed", type=int, default=1)
     # Model.
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--image-size", type=int, default=60)
+    ap.add_argument("--patch", type=int, default=10)
     ap.add_argument("--v-width", type=int, default=128)
     ap.add_argument("--v-layers", type=int, default=3, help="vision blocks run (the file stores one more)")
     ap.add_argument("--v-heads", type=int, default=4)
@@ -60,15 +61,18 @@ def parse_args(argv):
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--d-ff", type=int, default=512)
     # Optimisation.
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16, help="images per step")
+    ap.add_argument("--turns", type=int, default=4, help="turns (samples) per image")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=200, help="warm-up steps")
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--samples", type=int, default=0, help="schedule length in samples")
     ap.add_argument("--minutes", type=float, default=0, help="time budget (see the header)")
-    ap.add_argument("--caption-frac", type=float, default=0.5)
+    ap.add_argument("--caption-frac", type=float, default=1.0, help="share of images whose first turn is the caption")
     ap.add_argument("--jpeg-prob", type=float, default=0.2)
+    ap.add_argument("--aux-weight", type=float, default=0.0,
+                    help="weight of the training-only per-cell attribute loss (0 = no auxiliary head)")
     # Machinery.
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     ap.add_argument("--workers", type=int, default=0, help="data loader processes")
@@ -78,7 +82,7 @@ def parse_args(argv):
     ap.add_argument("--val-scenes", type=int, default=40)
     ap.add_argument("--save-minutes", type=float, default=5)
     a = ap.parse_args(argv)
-    if not a.samples and not a.minutes:
+    if not a.samples and not a.minutes and not a.resume:
         ap.error("give --samples, --minutes or both")
     return a
 
@@ -99,33 +103,37 @@ def save(path, obj):
     os.replace(tmp, path)
 
 
-def train_step(model, maker, samples, prefix_ids, device, use_amp):
-    """Forward + backward on one batch (two length buckets). Returns the mean
-    loss over answer tokens and the number of answer tokens."""
-    c = model.c
+def train_step(model, pixels, buckets, cells, prefix_ids, device, use_amp, aux_weight):
+    """Forward + backward on one batch. The prefix is run once (batch 1),
+    the image rows once per image, and every turn attends to its image's
+    cached keys/values, exactly as if it were a separate sample. Returns
+    the mean loss over answer tokens and the number of answer tokens."""
     P = len(prefix_ids)
-    n_tok = sum(len(s["answer"]) for s in samples)
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["user"]) + len(samples[i]["answer"]))
-    half = (len(order) + 1) // 2
-    total = 0.0
-    for part in (order[:half], order[half:]):
-        if not part:
-            continue
-        b = collate([samples[i] for i in part], c.n_patches, device)
-        amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp
-               else contextlib.nullcontext())
-        with amp:
-            pre = torch.tensor(prefix_ids, device=device)
-            _, past = model.decode(model.tok_embd(pre)[None], torch.arange(P, device=device)[None])
-            img = model.vision(b["pixels"])
-            x = torch.cat([img, model.tok_embd(b["text_in"])], dim=1)
-            pos = (P + torch.arange(x.shape[1], device=device))[None].expand(x.shape[0], -1)
-            h, _ = model.decode(x, pos, past)
+    n_tok = sum(int(b["targets"].numel()) for b in buckets)
+    amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp
+           else contextlib.nullcontext())
+    with amp:
+        pre = torch.tensor(prefix_ids, device=device)
+        _, past = model.decode(model.tok_embd(pre)[None], torch.arange(P, device=device)[None])
+        feats = model.vision.features(pixels)                       # [B][n][W]
+        img = model.vision.project(feats)                           # [B][n][d]
+        n = img.shape[1]
+        pos = (P + torch.arange(n, device=device))[None].expand(img.shape[0], -1)
+        _, past = model.decode(img, pos, past)
+        loss = 0.0
+        for b in buckets:
+            x = model.tok_embd(b["text_in"])
+            pos = (P + n + torch.arange(x.shape[1], device=device))[None].expand(x.shape[0], -1)
+            h, _ = model.decode(x, pos, past, past_index=b["img"])
             logits = model.logits(h[b["bi"], b["ri"]])
-            loss = F.cross_entropy(logits.float(), b["targets"], reduction="sum")
-        (loss / n_tok).backward()
-        total += float(loss)
-    return total / n_tok, n_tok
+            loss = loss + F.cross_entropy(logits.float(), b["targets"], reduction="sum")
+        total = loss / n_tok
+        if model.aux is not None and aux_weight > 0:
+            aux = sum(F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), cells[..., i].reshape(-1))
+                      for i, lg in enumerate(model.aux(feats)))
+            total = total + aux_weight * aux
+    total.backward()
+    return float(loss) / n_tok, n_tok
 
 
 def validate(model, vocab, a, device):
@@ -163,17 +171,21 @@ def main(argv=None):
         saved = ck["args"]
         for k in ("seed", "image_size", "patch", "v_width", "v_layers", "v_heads", "v_ff", "d_model",
                   "layers", "heads", "kv_heads", "d_ff", "batch", "lr", "min_lr_frac", "warmup",
-                  "weight_decay", "caption_frac", "jpeg_prob"):
-            setattr(a, k, saved[k])
+                  "weight_decay", "turns", "caption_frac", "jpeg_prob", "aux_weight"):
+            setattr(a, k, saved.get(k, getattr(a, k)))
         if not a.samples and not a.minutes:
-            a.samples, a.minutes = saved["samples"], saved["minutes"]
+            # Continue the saved schedule: its sample count, or its total
+            # time budget when the schedule is time-based.
+            a.samples = saved["samples"]
+            a.minutes = 0 if saved["samples"] else saved["minutes"]
         vocab = vocab_mod.Vocab(*ck["vocab"])
         cfg = Config(**ck["config"])
     else:
         vocab = vocab_mod.default_vocab()
         cfg = Config(image_size=a.image_size, patch=a.patch, v_width=a.v_width, v_layers=a.v_layers,
                      v_heads=a.v_heads, v_ff=a.v_ff, d_model=a.d_model, n_layers=a.layers,
-                     n_heads=a.heads, n_kv_heads=a.kv_heads, d_ff=a.d_ff, n_vocab=len(vocab))
+                     n_heads=a.heads, n_kv_heads=a.kv_heads, d_ff=a.d_ff, n_vocab=len(vocab),
+                     aux_head=a.aux_weight > 0)
     torch.manual_seed(a.seed)
     model = LlavaModel(cfg).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -187,12 +199,12 @@ def main(argv=None):
         opt.load_state_dict(ck["opt"])
         step, seen, elapsed_before = ck["step"], ck["samples_seen"], ck["elapsed_s"]
         log("resumed %s at step %d (%d samples, %.1f min)" % (ck_path, step, seen, elapsed_before / 60))
-    maker = SampleMaker(vocab, cfg.image_size, a.seed, a.caption_frac, a.jpeg_prob)
-    total_steps = a.samples // a.batch if a.samples else 0
+    maker = SampleMaker(vocab, cfg.image_size, a.seed, a.turns, a.caption_frac, a.jpeg_prob)
+    total_steps = a.samples // (a.batch * a.turns) if a.samples else 0
     log("model: %.2fM parameters (vision+projector %.2fM), vocab %d, %d image rows; device %s, "
-        "threads %d; batch %d, %s" % (
+        "threads %d; batch %d images x %d turns, %s" % (
             model.n_params() / 1e6, sum(p.numel() for p in model.vision.parameters()) / 1e6,
-            len(vocab), cfg.n_patches, device, torch.get_num_threads(), a.batch,
+            len(vocab), cfg.n_patches, device, torch.get_num_threads(), a.batch, a.turns,
             ("%d steps" % total_steps) + (", stop after %.1f min" % a.minutes if a.minutes else "")
             if total_steps else "%.1f min (time-based schedule)" % a.minutes),
         event="start", config=cfg.to_dict(), args=vars(a), n_params=model.n_params())
@@ -210,7 +222,11 @@ def main(argv=None):
     t0 = time.time()
     t_log, seen_log, loss_acc, n_acc = t0, seen, 0.0, 0
     t_save = t0
+    # A time-based schedule counts the minutes over all resumes; with
+    # --samples, --minutes only limits this invocation.
     budget_s = a.minutes * 60 if a.minutes else float("inf")
+    if total_steps:
+        budget_s += elapsed_before
     for got_step, samples in loader:
         assert got_step == step, (got_step, step)
         elapsed = elapsed_before + time.time() - t0
@@ -223,12 +239,13 @@ def main(argv=None):
         lr = lr_at(a, progress, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, _ = train_step(model, maker, samples, maker.prefix_ids, device, use_amp)
+        pixels, buckets, cells = collate(samples, device)
+        loss, _ = train_step(model, pixels, buckets, cells, maker.prefix_ids, device, use_amp, a.aux_weight)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        seen += len(samples)
+        seen += len(samples) * a.turns
         loss_acc += loss
         n_acc += 1
         now = time.time()
