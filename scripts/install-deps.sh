@@ -6,7 +6,7 @@ set -euo pipefail
 PKGS=(
   build-essential pkg-config meson ninja-build
   libopenblas-dev libturbojpeg0-dev libpng-dev libzmq3-dev libjansson-dev
-  python3 python3-numpy python3-zmq
+  python3 python3-numpy python3-zmq python3-pil
 )
 
 missing=()

@@ -18,7 +18,7 @@ scripts/install-deps.sh
 ninja -C build
 
 if [ -f models/default/text.gguf ] && [ -f models/default/mmproj.gguf ]; then
-  model=(); images=examples/images; question="What shapes are in the picture?"
+  model=(); images=examples/images; question="How many shapes are there?"
   first_image=$(ls "$images"/* | head -n 1)
 else
   d=tests/data/golden/micro-f32
@@ -46,7 +46,7 @@ echo "== vlm caption $images"
 import json, sys
 for line in sys.stdin:
     r = json.loads(line)
-    print(r["path"] + ": " + str(r.get("caption", r.get("error"))))'
+    print(r["path"] + ": " + str(r.get("caption", r.get("error"))).strip())'
 echo "== vlm ask $first_image \"$question\""
 ./build/clients/vlm ask --max-tokens 24 "$first_image" "$question"
 echo

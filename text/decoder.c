@@ -2,9 +2,14 @@
  *
  * vlm_decoder_forward() runs a batch of rows from several sequences through
  * the model in one pass: the projections and the FFN are batched over all
- * rows (vlm_matmul), attention runs per (row, head) across the pool, each row
- * reading only its own sequence's slot of the KV cache. K is cached
- * transposed like V, so K.q is computed for 16 positions per vector.
+ * rows (vlm_matmul_multi for Q/K/V and gate/up, which share their input),
+ * attention runs as work items of up to four queries that share one K/V
+ * head (the query heads of a GQA group, consecutive rows of a sequence)
+ * across the pool, each row reading only its own sequence's slot of the KV
+ * cache, and the element-wise steps between the matmuls (norms, residuals,
+ * RoPE, the cache store, SwiGLU) are split across the pool as well when the
+ * chunk has enough rows. K is cached transposed like V, so K.q is computed
+ * for 16 positions per vector.
  *
  * Reproducing llama.cpp c392e50 (CPU backend, AVX-512 build) closely enough
  * that greedy tokens match means copying where ggml rounds and in which order
@@ -499,18 +504,26 @@ AVX512_FN static void pv_f16_avx512(const uint16_t *vt, size_t ld, int hd, const
         }
         return;
     }
+    /* Eight channels at a time, so that their serial double tails (positions
+     * np..n-1, one addition after another) run side by side. */
     const int np = n_split & ~63, nm = n < np ? n : np;
-    for (; c < hd; c++) {
-        const uint16_t *v = vt + (size_t)c * ld;
-        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int i = 0; i < nm; i += 16) {
-            const __mmask16 k = mask_first(nm - i);
-            a[(i >> 4) & 3] = _mm512_fmadd_ps(load_h16(v + i, k), _mm512_maskz_loadu_ps(k, p + i), a[(i >> 4) & 3]);
+    for (; c < hd; c += 8) {
+        const int nc = hd - c < 8 ? hd - c : 8;
+        double sum[8];
+        const uint16_t *v[8];
+        for (int g = 0; g < 8; g++) {
+            v[g] = vt + (size_t)(c + (g < nc ? g : 0)) * ld;
+            __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int i = 0; i < nm; i += 16) {
+                const __mmask16 k = mask_first(nm - i);
+                a[(i >> 4) & 3] = _mm512_fmadd_ps(load_h16(v[g] + i, k), _mm512_maskz_loadu_ps(k, p + i), a[(i >> 4) & 3]);
+            }
+            const __m512 s = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            sum[g] = _mm512_reduce_add_ps(s);
         }
-        const __m512 s = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-        double sum = _mm512_reduce_add_ps(s);
-        for (int i = np; i < n; i++) sum += (double)(_cvtsh_ss(v[i]) * p[i]);
-        out[c] = (float)sum;
+        for (int i = np; i < n; i++)
+            for (int g = 0; g < 8; g++) sum[g] += (double)(_cvtsh_ss(v[g][i]) * p[i]);
+        for (int g = 0; g < nc; g++) out[c + g] = (float)sum[g];
     }
 }
 
@@ -904,17 +917,16 @@ struct vlm_decoder {
 
     /* Row buffers, n_batch_max rows each. */
     float *x;                 /* [n_batch_max][n_embd] residual stream */
-    float *x2;                /* [n_batch_max][n_embd] next residual (swapped with x) */
     float *xn;                /* [n_batch_max][n_embd] normalised input of a sub-layer */
     float *q;                 /* [n_batch_max][n_head * head_dim] queries */
     float *k;                 /* [n_batch_max][n_head_kv * head_dim] keys */
     float *v;                 /* [n_batch_max][n_head_kv * head_dim] values */
-    float *attn;              /* [n_batch_max][n_head * head_dim] attention output, heads concatenated */
+    float *attn;              /* [n_batch_max][n_head * head_dim] attention output, heads concatenated: the
+                               * q buffer itself (each query's output replaces it once it has been read) */
     float *proj;              /* [n_batch_max][n_embd] output of attn_output / ffn_down */
     float *gate;              /* [n_batch_max][n_ff] */
     float *up;                /* [n_batch_max][n_ff] */
     float *rope;              /* [n_batch_max][n_rot] (cos, sin) per rotated pair */
-    int32_t *sel;             /* [n_batch_max] rows kept after attention (logits rows in the last layer) */
     int32_t *out_idx;         /* [n_batch_max] logits index of each active row in the last layer */
 
     /* Per sequence. */
@@ -968,25 +980,23 @@ int vlm_decoder_new(const vlm_llama_t *m, vlm_kv_cache_t *kv, vlm_pool_t *pool, 
     const size_t nb = (size_t)n_batch_max, n_embd = (size_t)hp->n_embd;
     const size_t n_q = (size_t)hp->n_head * (size_t)hp->head_dim, n_kv = (size_t)kv->kv_dim;
     d->x = malloc(nb * n_embd * sizeof(float));
-    d->x2 = malloc(nb * n_embd * sizeof(float));
     d->xn = malloc(nb * n_embd * sizeof(float));
     d->q = malloc(nb * n_q * sizeof(float));
     d->k = malloc(nb * n_kv * sizeof(float));
     d->v = malloc(nb * n_kv * sizeof(float));
-    d->attn = malloc(nb * n_q * sizeof(float));
+    d->attn = d->q;
     d->proj = malloc(nb * n_embd * sizeof(float));
     d->gate = malloc(nb * (size_t)hp->n_ff * sizeof(float));
     d->up = malloc(nb * (size_t)hp->n_ff * sizeof(float));
     d->rope = malloc(nb * (size_t)hp->n_rot * sizeof(float));
-    d->sel = malloc(nb * sizeof(int32_t));
     d->out_idx = malloc(nb * sizeof(int32_t));
     d->seq_next = malloc((size_t)kv->n_seq * sizeof(int32_t));
     d->seq_rows = malloc((size_t)kv->n_seq * sizeof(int32_t));
     d->seq_n_kv = malloc((size_t)kv->n_seq * sizeof(int32_t));
     d->scratch = calloc((size_t)d->n_threads, sizeof *d->scratch);
     d->items = malloc(nb * (size_t)hp->n_head * sizeof *d->items);
-    if (!d->x || !d->x2 || !d->xn || !d->q || !d->k || !d->v || !d->attn || !d->proj || !d->gate || !d->up ||
-        !d->rope || !d->sel || !d->out_idx || !d->seq_next || !d->seq_rows || !d->seq_n_kv || !d->scratch ||
+    if (!d->x || !d->xn || !d->q || !d->k || !d->v || !d->attn || !d->proj || !d->gate || !d->up ||
+        !d->rope || !d->out_idx || !d->seq_next || !d->seq_rows || !d->seq_n_kv || !d->scratch ||
         !d->items)
         goto fail_nomem;
     d->scratch_stride = ((size_t)kv->n_ctx + 16 + 15) & ~(size_t)15;
@@ -1023,17 +1033,14 @@ void vlm_decoder_destroy(vlm_decoder_t **self_p) {
     free(d->seq_rows);
     free(d->seq_next);
     free(d->out_idx);
-    free(d->sel);
     free(d->rope);
     free(d->up);
     free(d->gate);
     free(d->proj);
-    free(d->attn);
     free(d->v);
     free(d->k);
     free(d->q);
     free(d->xn);
-    free(d->x2);
     free(d->x);
     free(d);
     *self_p = NULL;
@@ -1277,7 +1284,6 @@ static void trace(vlm_decoder_t *d, const char *name, int32_t layer, const float
 typedef enum rows_op {
     ROWS_NORM,         /* xn = norm(x) */
     ROWS_ADD_NORM,     /* x += proj, then xn = norm(x) */
-    ROWS_SEL_ADD_NORM, /* x2[i] = proj[sel[i]] + x[sel[i]], then xn[i] = norm(x2[i]) */
     ROWS_ROPE,         /* RoPE on q and k */
     ROWS_KV_STORE,     /* k and v into the cache, split by channels */
     ROWS_SILU,         /* gate = silu(gate) * up */
@@ -1308,14 +1314,6 @@ static void rows_worker(void *arg, int ith, int nth) {
     case ROWS_ADD_NORM:
         for (size_t e = (size_t)r0 * n_embd; e < (size_t)r1 * n_embd; e++) d->x[e] = d->proj[e] + d->x[e];
         rms_norm_rows(d->x, r0, r1, n_embd, d->sec_w, hp->rms_eps, d->xn);
-        break;
-    case ROWS_SEL_ADD_NORM:
-        for (int32_t i = r0; i < r1; i++) {
-            const size_t r = (size_t)d->sel[i] * n_embd;
-            float *yr = d->x2 + (size_t)i * n_embd;
-            for (int32_t c = 0; c < n_embd; c++) yr[c] = d->proj[r + c] + d->x[r + c];
-        }
-        rms_norm_rows(d->x2, r0, r1, n_embd, d->sec_w, hp->rms_eps, d->xn);
         break;
     case ROWS_ROPE: {
         const int32_t n_q = hp->n_head * hp->head_dim, kv_dim = d->kv->kv_dim;
@@ -1422,19 +1420,21 @@ static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, in
          * batch size can change a matmul's summation order). */
         vlm_matmul(d->pool, &L->wo, d->attn, n_act, d->proj);
 
-        /* The rows that go on: all, or in the last layer the logits rows in logits order. */
+        /* Residual, ffn_inp = attn_output(attn) + x, and the FFN norm. The rows that go
+         * on are all of them, or in the last layer the logits rows in logits order: those
+         * are gathered through xn (free here: Q, K and V have been computed from it). */
         if (l == hp->n_layer - 1) {
+            for (int32_t i = 0; i < n_out; i++) {
+                const size_t r = (size_t)(b->logits_rows[d->out_idx[i]] - c0) * n_embd;
+                float *yr = d->xn + (size_t)i * n_embd;
+                for (int32_t c = 0; c < n_embd; c++) yr[c] = d->proj[r + c] + d->x[r + c];
+            }
             n_act = n_out;
-            for (int32_t i = 0; i < n_out; i++) d->sel[i] = b->logits_rows[d->out_idx[i]] - c0;
+            memcpy(d->x, d->xn, (size_t)n_act * n_embd * sizeof(float));
+            rows_run(d, ROWS_NORM, n_act, L->ffn_norm);
         } else {
-            for (int32_t i = 0; i < n_act; i++) d->sel[i] = i;
+            rows_run(d, ROWS_ADD_NORM, n_act, L->ffn_norm);
         }
-
-        /* Residual, ffn_inp = attn_output(attn) + x (into x2, then swapped), and the FFN norm. */
-        rows_run(d, ROWS_SEL_ADD_NORM, n_act, L->ffn_norm);
-        float *tmp = d->x;
-        d->x = d->x2;
-        d->x2 = tmp;
         trace(d, "ffn_inp", l, d->x, n_act, n_embd);
 
         /* SwiGLU: down(silu(gate(x)) * up(x)). */

@@ -36,8 +36,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class Config:
-    image_size: int = 64
-    patch: int = 8
+    image_size: int = 60
+    patch: int = 10
     v_width: int = 128
     v_layers: int = 3          # blocks that are run (the file stores one more)
     v_heads: int = 4

@@ -42,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--torch-eval")
     ap.add_argument("--refcheck")
     ap.add_argument("--note", default="")
+    ap.add_argument("--title", default="vlmd's bundled default model")
     a = ap.parse_args(argv)
     ck = torch.load(a.checkpoint, map_location="cpu")
     c, args = ck["config"], ck["args"]
@@ -56,7 +57,7 @@ def main(argv=None):
         if k not in ("out", "resume", "log_every", "val_every", "val_scenes", "save_minutes", "device")
         and v not in (None, False, 0, ""))
     lines = [
-        "# vlmd's bundled default model",
+        "# " + a.title,
         "",
         "A small LLaVA-1.5-style vision-language model trained from scratch on the synthetic scenes of "
         "`tools/scenes/` (shapes, colours, sizes and positions on a 3x3 grid). It sees only that world: "
