@@ -253,13 +253,38 @@ def long_job(job_id, stream=True):
 # ==== Tests =================================================================
 
 def test_startup_errors():
-    p = subprocess.run([VLMD, "--endpoint", "tcp://127.0.0.1:*"], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, timeout=30, text=True)
     model_dir = os.path.join(SOURCE, "models", "default")
     if not os.path.exists(os.path.join(model_dir, "text.gguf")):
+        p = subprocess.run([VLMD, "--endpoint", "tcp://127.0.0.1:*"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=30, text=True)
         check("no model flags and no bundled model: exit 1 with one clear line",
               p.returncode == 1 and "default model" in p.stderr and p.stderr.count("\n") == 1,
               p.stderr.strip())
+    else:
+        # No model flags: the bundled model is served; it gets ready, then
+        # SIGTERM stops it with exit 0.
+        p = subprocess.Popen([VLMD, "--endpoint", "tcp://127.0.0.1:*"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        ready, deadline = "", time.time() + 60
+        try:
+            while time.time() < deadline:
+                line = p.stderr.readline()
+                if not line:
+                    break
+                if "ready on" in line:
+                    ready = line
+                    break
+            check("no model flags: the bundled model is served",
+                  "ready on" in ready and "models/default" in ready, ready.strip())
+        finally:
+            p.send_signal(signal.SIGTERM)
+            try:
+                rc = p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rc = p.wait()
+            p.stderr.close()
+        check("bundled model: SIGTERM exits 0", rc == 0, str(rc))
     p = subprocess.run([VLMD, "--bogus"], stderr=subprocess.PIPE, timeout=30, text=True)
     check("unknown flag: exit 1", p.returncode == 1 and "--bogus" in p.stderr, p.stderr.strip())
     p = subprocess.run([VLMD, "-m", "/nonexistent.gguf"], stderr=subprocess.PIPE, timeout=30, text=True)
