@@ -901,8 +901,8 @@ typedef struct attn_scratch {
  * queries the tiled kernels can run (see build_attn_items). */
 typedef struct attn_item {
     int32_t row;
-    int16_t head;
-    int16_t nq;
+    int32_t head;
+    int32_t nq;
 } attn_item_t;
 
 struct vlm_decoder {
@@ -1191,7 +1191,7 @@ static void build_attn_items(vlm_decoder_t *d, int32_t n) {
                     continue;
                 }
                 attn_item_t *it = &d->items[n_items++];
-                *it = (attn_item_t){.row = i, .head = (int16_t)h, .nq = 1};
+                *it = (attn_item_t){.row = i, .head = h, .nq = 1};
                 cur = tile ? it : NULL;
                 cur_seq = seq;
                 cur_from = from;
