@@ -582,12 +582,13 @@ K_INLINE void vf_store_n(float *y, vf_t v, int n) {
 
 #define GB (4 * NR) /* bytes of one group: 4 quants of each of NR rows */
 
-/* Decoding streams each panel from memory once; prefetching PF_AHEAD bytes
- * ahead keeps enough cache-line requests in flight. Prefill tiles re-read a
- * panel from L1/L2 for every token tile, so prefetching is for T <= 2 only. */
+/* A panel comes from memory once per call, in the first token tile; later
+ * tiles re-read it from L1/L2. Prefetching PF_AHEAD bytes ahead in that
+ * first pass (pf) keeps enough cache-line requests in flight for decoding
+ * and small batches (several decode streams), where the stream dominates. */
 #define PF_AHEAD 4096
-K_INLINE void prefetch_bytes(const uint8_t *p, size_t n, int T) {
-    if (T > 2) return;
+K_INLINE void prefetch_bytes(const uint8_t *p, size_t n, int pf) {
+    if (!pf) return;
     for (size_t o = 0; o < n; o += 64) _mm_prefetch((const char *)(p + PF_AHEAD + o), _MM_HINT_T0);
 }
 
@@ -620,13 +621,13 @@ K_INLINE void step32(const vi_t W[8], vf_t dw, const vlm__qact_t *A, int64_t t0,
 /* Q4_0 panel, per 32-block: d[NR] f16, then 4 groups; group k holds bytes
  * qs[4k..4k+3] of each row: low nibbles are elements 4k.., high nibbles
  * elements 16+4k... Weights are used unsigned (0..15); corr = -8 * sum(a). */
-K_INLINE void tile_q4_0(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid) {
+K_INLINE void tile_q4_0(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid, int pf) {
     vf_t acc[TMAX];
     for (int t = 0; t < T; t++) acc[t] = VF_ZERO();
     const vi_t m4 = VI_SET1B(0x0F);
     const int64_t nb = A->n_in / 32;
     for (int64_t b = 0; b < nb; b++, p += 2 * NR + 4 * GB) {
-        prefetch_bytes(p, 2 * NR + 4 * GB, T);
+        prefetch_bytes(p, 2 * NR + 4 * GB, pf);
         const vf_t dw = VF_LOAD_F16(p);
         vi_t W[8];
         for (int k = 0; k < 4; k++) {
@@ -641,13 +642,13 @@ K_INLINE void tile_q4_0(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int 
 
 /* Q4_1 panel, per 32-block: d[NR] f16, m[NR] f16, 4 groups as Q4_0.
  * acc += d*da*sum(q*a) + m * s_a, with s_a the Q8_1 block's s. */
-K_INLINE void tile_q4_1(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid) {
+K_INLINE void tile_q4_1(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid, int pf) {
     vf_t acc[TMAX];
     for (int t = 0; t < T; t++) acc[t] = VF_ZERO();
     const vi_t m4 = VI_SET1B(0x0F);
     const int64_t nb = A->n_in / 32;
     for (int64_t b = 0; b < nb; b++, p += 4 * NR + 4 * GB) {
-        prefetch_bytes(p, 4 * NR + 4 * GB, T);
+        prefetch_bytes(p, 4 * NR + 4 * GB, pf);
         const vf_t dw = VF_LOAD_F16(p);
         const vf_t mw = VF_LOAD_F16(p + 2 * NR);
         vi_t W[8];
@@ -672,13 +673,13 @@ K_INLINE vi_t q5_hbits(vi_t h, int c) {
 
 /* Q5_0 panel, per 32-block: d[NR] f16, qh[NR] u32 (rearranged, see
  * q5_hbits), 4 nibble groups as Q4_0. corr = -16 * sum(a). */
-K_INLINE void tile_q5_0(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid) {
+K_INLINE void tile_q5_0(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid, int pf) {
     vf_t acc[TMAX];
     for (int t = 0; t < T; t++) acc[t] = VF_ZERO();
     const vi_t m4 = VI_SET1B(0x0F);
     const int64_t nb = A->n_in / 32;
     for (int64_t b = 0; b < nb; b++, p += 6 * NR + 4 * GB) {
-        prefetch_bytes(p, 6 * NR + 4 * GB, T);
+        prefetch_bytes(p, 6 * NR + 4 * GB, pf);
         const vf_t dw = VF_LOAD_F16(p);
         const vi_t h = VI_LOAD(p + 2 * NR);
         vi_t W[8];
@@ -693,13 +694,13 @@ K_INLINE void tile_q5_0(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int 
 }
 
 /* Q5_1 panel, per 32-block: d[NR], m[NR] f16, qh[NR] u32, 4 nibble groups. */
-K_INLINE void tile_q5_1(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid) {
+K_INLINE void tile_q5_1(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid, int pf) {
     vf_t acc[TMAX];
     for (int t = 0; t < T; t++) acc[t] = VF_ZERO();
     const vi_t m4 = VI_SET1B(0x0F);
     const int64_t nb = A->n_in / 32;
     for (int64_t b = 0; b < nb; b++, p += 8 * NR + 4 * GB) {
-        prefetch_bytes(p, 8 * NR + 4 * GB, T);
+        prefetch_bytes(p, 8 * NR + 4 * GB, pf);
         const vf_t dw = VF_LOAD_F16(p);
         const vf_t mw = VF_LOAD_F16(p + 2 * NR);
         const vi_t h = VI_LOAD(p + 4 * NR);
@@ -718,12 +719,12 @@ K_INLINE void tile_q5_1(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int 
 /* Q8_0 panel, per 32-block: d[NR] f16, 8 groups (bytes qs[4k..4k+3] of each
  * row). AVX-512 stores q ^ 0x80 (unsigned, q + 128) with corr = -128 sum(a);
  * AVX2 keeps signed q and uses the sign trick (maddubs would saturate). */
-K_INLINE void tile_q8_0(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid) {
+K_INLINE void tile_q8_0(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid, int pf) {
     vf_t acc[TMAX];
     for (int t = 0; t < T; t++) acc[t] = VF_ZERO();
     const int64_t nb = A->n_in / 32;
     for (int64_t b = 0; b < nb; b++, p += 2 * NR + 8 * GB) {
-        prefetch_bytes(p, 2 * NR + 8 * GB, T);
+        prefetch_bytes(p, 2 * NR + 8 * GB, pf);
         const vf_t dw = VF_LOAD_F16(p);
 #if VLM_K_AVX512
         vi_t W[8];
@@ -770,13 +771,13 @@ K_INLINE void step32_min(const vi_t W[8], vf_t sw, vf_t mw, const vlm__qact_t *A
  * (the unpacked 6-bit scales and mins), then 32 groups: group (j, k), j =
  * 0..3, k = 0..7, holds bytes qs[32j + 4k ..] of each row, whose low nibbles
  * are sub-block 2j and high nibbles sub-block 2j + 1. */
-K_INLINE void tile_q4_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid) {
+K_INLINE void tile_q4_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid, int pf) {
     vf_t acc[TMAX];
     for (int t = 0; t < T; t++) acc[t] = VF_ZERO();
     const vi_t m4 = VI_SET1B(0x0F);
     const int64_t nsb = A->n_in / VLM_QK_K;
     for (int64_t ib = 0; ib < nsb; ib++, p += 20 * NR + 32 * GB) {
-        prefetch_bytes(p, 20 * NR + 32 * GB, T);
+        prefetch_bytes(p, 20 * NR + 32 * GB, pf);
         const vf_t d = VF_LOAD_F16(p);
         const vf_t dmin = VF_LOAD_F16(p + 2 * NR);
         const uint8_t *sc = p + 4 * NR, *mn = p + 12 * NR, *q = p + 20 * NR;
@@ -796,14 +797,14 @@ K_INLINE void tile_q4_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int 
 /* Q5_K panel, per 256-block: d, dmin, sc[8][NR], m[8][NR] as Q4_K, then 8
  * qh groups (bytes qh[4k..4k+3] of each row; bit j is the 5th bit of
  * sub-block j), then the 32 nibble groups as Q4_K. */
-K_INLINE void tile_q5_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid) {
+K_INLINE void tile_q5_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid, int pf) {
     vf_t acc[TMAX];
     for (int t = 0; t < T; t++) acc[t] = VF_ZERO();
     const vi_t m4 = VI_SET1B(0x0F);
     const vi_t b4 = VI_SET1B(0x10);
     const int64_t nsb = A->n_in / VLM_QK_K;
     for (int64_t ib = 0; ib < nsb; ib++, p += 20 * NR + 40 * GB) {
-        prefetch_bytes(p, 20 * NR + 40 * GB, T);
+        prefetch_bytes(p, 20 * NR + 40 * GB, pf);
         const vf_t d = VF_LOAD_F16(p);
         const vf_t dmin = VF_LOAD_F16(p + 2 * NR);
         const uint8_t *sc = p + 4 * NR, *mn = p + 12 * NR, *qh = p + 20 * NR, *q = p + 20 * NR + 8 * GB;
@@ -830,14 +831,14 @@ K_INLINE void tile_q5_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int 
  * with bits 2-3, quarter 2 A's high nibbles with bits 4-5, quarter 3 B's high
  * nibbles with bits 6-7. Values are 0..63 (unsigned); corr = -32 * sum(a)
  * per 16-element sub-block, each with its own scale. */
-K_INLINE void tile_q6_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid) {
+K_INLINE void tile_q6_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid, int pf) {
     vf_t acc[TMAX];
     for (int t = 0; t < T; t++) acc[t] = VF_ZERO();
     const vi_t m4 = VI_SET1B(0x0F);
     const vi_t m2 = VI_SET1B(0x30);
     const int64_t nsb = A->n_in / VLM_QK_K;
     for (int64_t ib = 0; ib < nsb; ib++, p += 18 * NR + 48 * GB) {
-        prefetch_bytes(p, 18 * NR + 48 * GB, T);
+        prefetch_bytes(p, 18 * NR + 48 * GB, pf);
         const vf_t d = VF_LOAD_F16(p);
         const int8_t *sc = (const int8_t *)(p + 2 * NR);
         for (int h = 0; h < 2; h++) {
@@ -883,20 +884,20 @@ K_INLINE void tile_q6_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int 
         const uint8_t *p = panel;                                                                  \
         int64_t t = t0;                                                                            \
         const int64_t end = t0 + nt;                                                               \
-        for (; t + TMAX <= end; t += TMAX) tile(p, A, t, TMAX, y + (t - t0) * ldy, ldy, nvalid);   \
+        for (; t + TMAX <= end; t += TMAX) tile(p, A, t, TMAX, y + (t - t0) * ldy, ldy, nvalid, t == t0); \
         if (TMAX > 8 && t + 8 <= end) {                                                            \
-            tile(p, A, t, 8, y + (t - t0) * ldy, ldy, nvalid);                                     \
+            tile(p, A, t, 8, y + (t - t0) * ldy, ldy, nvalid, t == t0);                           \
             t += 8;                                                                                \
         }                                                                                          \
         if (TMAX > 4 && t + 4 <= end) {                                                            \
-            tile(p, A, t, 4, y + (t - t0) * ldy, ldy, nvalid);                                     \
+            tile(p, A, t, 4, y + (t - t0) * ldy, ldy, nvalid, t == t0);                           \
             t += 4;                                                                                \
         }                                                                                          \
         if (t + 2 <= end) {                                                                        \
-            tile(p, A, t, 2, y + (t - t0) * ldy, ldy, nvalid);                                     \
+            tile(p, A, t, 2, y + (t - t0) * ldy, ldy, nvalid, t == t0);                           \
             t += 2;                                                                                \
         }                                                                                          \
-        if (t < end) tile(p, A, t, 1, y + (t - t0) * ldy, ldy, nvalid);                            \
+        if (t < end) tile(p, A, t, 1, y + (t - t0) * ldy, ldy, nvalid, t == t0);                  \
     }
 
 DEFINE_PANEL(panel_q4_0, tile_q4_0) /* also ggml's order: that of its repacked Q4_0 8x8 kernels */
@@ -925,7 +926,7 @@ K_INLINE vf_t hsum8_lanes(const vf_t x[8]) {
  * horizontal sum. Offsets (Q5_0: 16, Q8_0: 128 in the q + 128 layout) are
  * removed per lane with lane_corr. */
 K_INLINE void tile_lanes32(const int type, const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y,
-                           int64_t ldy, int nvalid) {
+                           int64_t ldy, int nvalid, int pf) {
     vf_t acc[TX][8], summ[TX];
     for (int t = 0; t < T; t++) {
         for (int k = 0; k < 8; k++) acc[t][k] = VF_ZERO();
@@ -938,7 +939,7 @@ K_INLINE void tile_lanes32(const int type, const uint8_t *p, const vlm__qact_t *
     const size_t bbytes = head + (type == VLM_DTYPE_Q8_0 ? 8 : 4) * GB;
     const int64_t nb = A->n_in / 32;
     for (int64_t b = 0; b < nb; b++, p += bbytes) {
-        prefetch_bytes(p, bbytes, T);
+        prefetch_bytes(p, bbytes, pf);
         const vf_t dw = VF_LOAD_F16(p);
         const vf_t mw = has_m ? VF_LOAD_F16(p + 2 * NR) : VF_ZERO();
         const uint8_t *q = p + head;
@@ -998,7 +999,7 @@ K_INLINE void tile_lanes32(const int type, const uint8_t *p, const vlm__qact_t *
  * build); Q6_K's -32 offsets are removed per lane with lane_corr. The scale
  * products use vpmaddubsw + vpdpwssd (Q4_K/Q5_K) or vpmulld (Q6_K). */
 K_INLINE void tile_xk(const int type, const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y,
-                      int64_t ldy, int nvalid) {
+                      int64_t ldy, int nvalid, int pf) {
     vf_t acc[TX][8], accm[TX][4];
     for (int t = 0; t < T; t++) {
         for (int k = 0; k < 8; k++) acc[t][k] = VF_ZERO();
@@ -1011,7 +1012,7 @@ K_INLINE void tile_xk(const int type, const uint8_t *p, const vlm__qact_t *A, in
                                                                                             : 18 * NR + 48 * GB;
     const int64_t nsb = A->n_in / VLM_QK_K;
     for (int64_t ib = 0; ib < nsb; ib++, p += sbytes) {
-        prefetch_bytes(p, sbytes, T);
+        prefetch_bytes(p, sbytes, pf);
         vi_t sumi[TX][8];
         float da[TX];
         const int8_t *abase[TX];
@@ -1109,7 +1110,7 @@ K_INLINE void tile_xk(const int type, const uint8_t *p, const vlm__qact_t *A, in
  * shared by T tokens while each token keeps only its 8 int32 lane sums in
  * registers. The float lane accumulators live in a small stack array. */
 K_INLINE void tile_xk_buf(const int type, const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y,
-                          int64_t ldy, int nvalid) {
+                          int64_t ldy, int nvalid, int pf) {
     vf_t accs[TMAX][12]; /* per token: 8 lanes, then 4 min lanes (Q4_K) or 1 (Q5_K) */
     for (int t = 0; t < T; t++)
         for (int k = 0; k < 12; k++) accs[t][k] = VF_ZERO();
@@ -1121,6 +1122,7 @@ K_INLINE void tile_xk_buf(const int type, const uint8_t *p, const vlm__qact_t *A
                                                                                             : 18 * NR + 48 * GB;
     const int64_t nsb = A->n_in / VLM_QK_K;
     for (int64_t ib = 0; ib < nsb; ib++, p += sbytes) {
+        prefetch_bytes(p, sbytes, pf);
         const vf_t dw = VF_LOAD_F16(p);
         vf_t dminw = VF_ZERO();
         /* unpack: Wb[8g + k] is chunk k of 32-group g (sub-block g, or quarter g of Q6_K) */
@@ -1205,8 +1207,8 @@ K_INLINE void tile_xk_buf(const int type, const uint8_t *p, const vlm__qact_t *A
         const uint8_t *p = panel;                                                                  \
         int64_t t = t0;                                                                            \
         const int64_t end = t0 + nt;                                                               \
-        for (; t + TX <= end; t += TX) tile(type, p, A, t, TX, y + (t - t0) * ldy, ldy, nvalid);  \
-        if (t < end) tile(type, p, A, t, 1, y + (t - t0) * ldy, ldy, nvalid);                      \
+        for (; t + TX <= end; t += TX) tile(type, p, A, t, TX, y + (t - t0) * ldy, ldy, nvalid, t == t0); \
+        if (t < end) tile(type, p, A, t, 1, y + (t - t0) * ldy, ldy, nvalid, t == t0);            \
     }
 
 /* K-quants: the register kernel for 1-2 tokens (decoding streams the panel
@@ -1216,14 +1218,14 @@ K_INLINE void tile_xk_buf(const int type, const uint8_t *p, const vlm__qact_t *A
                      int64_t ldy, int nvalid) {                                                    \
         const uint8_t *p = panel;                                                                  \
         if (nt <= TX) {                                                                            \
-            if (nt == TX) tile_xk(type, p, A, t0, TX, y, ldy, nvalid);                             \
-            else tile_xk(type, p, A, t0, 1, y, ldy, nvalid);                                       \
+            if (nt == TX) tile_xk(type, p, A, t0, TX, y, ldy, nvalid, 1);                          \
+            else tile_xk(type, p, A, t0, 1, y, ldy, nvalid, 1);                                    \
             return;                                                                                \
         }                                                                                          \
         int64_t t = t0;                                                                            \
         const int64_t end = t0 + nt;                                                               \
-        for (; t + TMAX <= end; t += TMAX) tile_xk_buf(type, p, A, t, TMAX, y + (t - t0) * ldy, ldy, nvalid); \
-        if (t < end) tile_xk_buf(type, p, A, t, (int)(end - t), y + (t - t0) * ldy, ldy, nvalid); \
+        for (; t + TMAX <= end; t += TMAX) tile_xk_buf(type, p, A, t, TMAX, y + (t - t0) * ldy, ldy, nvalid, t == t0); \
+        if (t < end) tile_xk_buf(type, p, A, t, (int)(end - t), y + (t - t0) * ldy, ldy, nvalid, t == t0); \
     }
 
 DEFINE_PANEL_X(panel_q4_1, tile_lanes32, VLM_DTYPE_Q4_1)
