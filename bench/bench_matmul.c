@@ -143,34 +143,43 @@ static uint8_t *make_weight(vlm_weight_t *w, vlm_gguf_tensor_t *t, uint32_t type
     return data;
 }
 
-/* Best time of one call over reps calls (after one warm-up), seconds. */
+/* Says that a matmul failed (its scratch could not be allocated) and
+ * returns -1, the failed timing. */
+static double matmul_failed(const char *what, int64_t n_tok) {
+    fprintf(stderr, "bench_matmul: out of memory in matmul (%s, %lld tokens)\n", what, (long long)n_tok);
+    return -1;
+}
+
+/* Best time of one call over reps calls (after one warm-up), seconds; -1
+ * when a call fails. */
 static double time_matmul(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y,
                           int reps) {
-    vlm_matmul(pool, w, x, n_tok, y);
+    int rc = vlm_matmul(pool, w, x, n_tok, y);
     double best = 1e30;
-    for (int r = 0; r < reps; r++) {
+    for (int r = 0; r < reps && rc == VLM_OK; r++) {
         const double t0 = vlm_limits_now();
-        vlm_matmul(pool, w, x, n_tok, y);
+        rc = vlm_matmul(pool, w, x, n_tok, y);
         const double dt = vlm_limits_now() - t0;
         if (dt < best) best = dt;
     }
-    return best;
+    return rc == VLM_OK ? best : matmul_failed(w->name, n_tok);
 }
 
 /* Decode: one n_tok = 1 call per weight copy, round robin; the best over
- * reps rounds of the mean time per call, seconds. */
+ * reps rounds of the mean time per call, seconds; -1 when a call fails. */
 static double time_decode(vlm_pool_t *pool, const vlm_weight_t *w, int n_copies, const float *x, float *y,
                           int reps) {
-    for (int c = 0; c < n_copies; c++) vlm_matmul(pool, &w[c], x, 1, y);
+    int rc = VLM_OK;
+    for (int c = 0; c < n_copies; c++) rc |= vlm_matmul(pool, &w[c], x, 1, y);
     double best = 1e30;
     const int calls = n_copies * (n_copies > 8 ? 1 : 8 / n_copies + 1);
-    for (int r = 0; r < reps; r++) {
+    for (int r = 0; r < reps && rc == VLM_OK; r++) {
         const double t0 = vlm_limits_now();
-        for (int i = 0; i < calls; i++) vlm_matmul(pool, &w[i % n_copies], x, 1, y);
+        for (int i = 0; i < calls; i++) rc |= vlm_matmul(pool, &w[i % n_copies], x, 1, y);
         const double dt = (vlm_limits_now() - t0) / calls;
         if (dt < best) best = dt;
     }
-    return best;
+    return rc == VLM_OK ? best : matmul_failed(w->name, 1);
 }
 
 /* ==== Whole-model mode: every matmul of a TinyLlama step ================ */
@@ -224,19 +233,22 @@ static void tl_free(tl_model_t *m) {
 }
 
 /* One forward step's matmuls for n_tok tokens (the output only for the last
- * token, as llama.cpp computes it), with Q/K/V and gate/up batched. */
-static void tl_step(vlm_pool_t *pool, tl_model_t *m, const float *x, const float *xff, int64_t n_tok, float **bufs) {
-    for (int l = 0; l < TL_LAYERS; l++) {
+ * token, as llama.cpp computes it), with Q/K/V and gate/up batched.
+ * Returns VLM_OK, or VLM_ERR_NOMEM when a matmul fails. */
+static int tl_step(vlm_pool_t *pool, tl_model_t *m, const float *x, const float *xff, int64_t n_tok, float **bufs) {
+    int rc = VLM_OK;
+    for (int l = 0; l < TL_LAYERS && rc == VLM_OK; l++) {
         const vlm_weight_t *qkv[3] = {&m->w[l][0], &m->w[l][1], &m->w[l][2]};
         float *yqkv[3] = {bufs[0], bufs[1], bufs[2]};
-        vlm_matmul_multi(pool, qkv, 3, x, n_tok, yqkv);
-        vlm_matmul(pool, &m->w[l][3], x, n_tok, bufs[3]);
+        rc |= vlm_matmul_multi(pool, qkv, 3, x, n_tok, yqkv);
+        rc |= vlm_matmul(pool, &m->w[l][3], x, n_tok, bufs[3]);
         const vlm_weight_t *gu[2] = {&m->w[l][4], &m->w[l][5]};
         float *ygu[2] = {bufs[4], bufs[5]};
-        vlm_matmul_multi(pool, gu, 2, x, n_tok, ygu);
-        vlm_matmul(pool, &m->w[l][6], xff, n_tok, bufs[6]);
+        rc |= vlm_matmul_multi(pool, gu, 2, x, n_tok, ygu);
+        rc |= vlm_matmul(pool, &m->w[l][6], xff, n_tok, bufs[6]);
     }
-    vlm_matmul(pool, &m->out, x, 1, bufs[7]);
+    if (rc == VLM_OK) rc = vlm_matmul(pool, &m->out, x, 1, bufs[7]);
+    return rc == VLM_OK ? VLM_OK : VLM_ERR_NOMEM;
 }
 
 static int tl_bench(const char *ftype, const int *threads, int n_threads_opts, int64_t n_prefill, int reps) {
@@ -251,22 +263,29 @@ static int tl_bench(const char *ftype, const int *threads, int n_threads_opts, i
     float *bufs[8];
     for (int i = 0; i < 8; i++) bufs[i] = malloc((size_t)n_prefill * (i == 7 ? TL_VOCAB : TL_FF) * sizeof(float));
     for (int64_t i = 0; i < n_prefill * TL_FF; i++) x[i] = frand();
+    int failed = 0;
     for (int ti = 0; ti < n_threads_opts; ti++) {
         vlm_pool_t *pool = vlm_pool_new(threads[ti]);
-        tl_step(pool, m, x, x, 1, bufs);
+        int rc = tl_step(pool, m, x, x, 1, bufs);
         double best = 1e30;
-        for (int r = 0; r < reps * 4; r++) {
+        for (int r = 0; r < reps * 4 && rc == VLM_OK; r++) {
             const double t0 = vlm_limits_now();
-            tl_step(pool, m, x, x, 1, bufs);
+            rc = tl_step(pool, m, x, x, 1, bufs);
             const double dt = vlm_limits_now() - t0;
             if (dt < best) best = dt;
         }
         double bestp = 1e30;
-        for (int r = 0; r < (reps + 1) / 2; r++) {
+        for (int r = 0; r < (reps + 1) / 2 && rc == VLM_OK; r++) {
             const double t0 = vlm_limits_now();
-            tl_step(pool, m, x, x, n_prefill, bufs);
+            rc = tl_step(pool, m, x, x, n_prefill, bufs);
             const double dt = vlm_limits_now() - t0;
             if (dt < bestp) bestp = dt;
+        }
+        if (rc != VLM_OK) {
+            fprintf(stderr, "bench_matmul: out of memory in matmul (TinyLlama step)\n");
+            vlm_pool_destroy(&pool);
+            failed = 1;
+            break;
         }
         printf("%d thread%s: decode %.1f tok/s (%.1f GiB/s of %.0f MiB), prefill %lld tokens %.1f tok/s\n",
                threads[ti], threads[ti] > 1 ? "s" : "", 1 / best, (double)m->bytes / best / (1 << 30),
@@ -278,7 +297,7 @@ static int tl_bench(const char *ftype, const int *threads, int n_threads_opts, i
     free(x);
     tl_free(m);
     free(m);
-    return 0;
+    return failed;
 }
 
 /* ==== Float mode: our kernels against OpenBLAS ========================== */
@@ -334,6 +353,7 @@ static int float_bench(const char *type_list, const int *threads, int n_threads_
                     }
                     const double t_blas = time_matmul(pool, &w, x, n_tok, y, r);
                     vlm_weight_release(&w);
+                    if (t_ours < 0 || t_blas < 0) return 1;
                     const double g_ours = flop / t_ours * 1e-9, g_blas = flop / t_blas * 1e-9;
                     printf("%-20s %-5s %6lld | %12.1f %5.0f%% | %12.1f %5.0f%% | %.2f%s\n", s->name, ftypes[k].name,
                            (long long)n_tok, g_ours, 100 * g_ours / lim.sgemm_gflops, g_blas,
@@ -447,6 +467,7 @@ int main(int argc, char **argv) {
                     const double t1 = time_decode(pool, w, n_copies, x, y, reps);
                     const double gibs = bytes / t1 / (1 << 30);
                     const double tp = time_matmul(pool, &w[0], x, n_prefill, y, reps);
+                    if (t1 < 0 || tp < 0) return 1;
                     const double gops = 2.0 * (double)s->n_out * (double)s->n_in * (double)n_prefill / tp * 1e-9;
                     printf("%-20s %-5s %-8s | %9.1f %5.0f%% %5.0f%% | %9.1f\n", s->name, types[k].name,
                            prepared ? "prepared" : "ggml", gibs, 100 * gibs / lim.triad_gibs, 100 * gibs / rd, gops);

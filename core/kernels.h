@@ -82,12 +82,20 @@ const vlm__kernel_table_t *vlm__kernels_get(vlm_isa_t isa);
 
 /* matmul.c entry points with an explicit ISA (tests compare them). The
  * panels of a prepared weight carry the ISA they were packed for, which
- * then wins over the isa argument of vlm__matmul_isa. */
+ * then wins over the isa argument of vlm__matmul_isa. The matmuls return
+ * VLM_OK or VLM_ERR_NOMEM as vlm_matmul(). */
 int vlm__weight_prepare_isa(vlm_weight_t *w, int flags, vlm_isa_t isa, size_t *extra_bytes, vlm_error_t *err);
-void vlm__matmul_isa(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y,
-                     vlm_isa_t isa);
-void vlm__matmul_multi_isa(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x,
-                           int64_t n_tok, float *const *ys, vlm_isa_t isa);
+int vlm__matmul_isa(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y,
+                    vlm_isa_t isa);
+int vlm__matmul_multi_isa(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x,
+                          int64_t n_tok, float *const *ys, vlm_isa_t isa);
+
+/* Test hook: the n-th scratch allocation of vlm_matmul / vlm_matmul_multi
+ * from now on fails (n = 1: the next one), so the call making it returns
+ * VLM_ERR_NOMEM; n <= 0 disarms it. Process-wide; for tests only. A call
+ * normally makes one scratch allocation (two with more than 8 weights or
+ * with sgemm-prepared F16 / BF16 weights). */
+void vlm__matmul_fail_next_alloc(int n);
 
 /* Block size and block bytes of the types this module handles; 0 for others. */
 int vlm__block_size(uint32_t type);

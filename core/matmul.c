@@ -37,12 +37,15 @@
  * into it, from the caller's thread.
  *
  * Scratch memory is allocated per call and freed before returning, so two
- * threads may multiply concurrently with different pools.
+ * threads may multiply concurrently with different pools. A failed scratch
+ * allocation makes the call return VLM_ERR_NOMEM with Y partly written;
+ * it is the caller's to report (the decoder fails its forward pass).
  */
 #include "matmul.h"
 
 #include <cblas.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -82,7 +85,18 @@ static bool is_float_type(uint32_t t) {
  * multiple of 8; other Q4_0 weights go through its vec_dot order. */
 static bool q4_0_unpacked_in_ggml(const vlm_weight_t *w) { return w->type == VLM_DTYPE_Q4_0 && w->n_out % 8 != 0; }
 
+/* Test hook (vlm__matmul_fail_next_alloc): when > 0, the scratch
+ * allocation that brings it down to 0 fails. */
+static atomic_int fail_countdown;
+
+void vlm__matmul_fail_next_alloc(int n) { atomic_store(&fail_countdown, n > 0 ? n : 0); }
+
+/* Every per-call allocation of this file goes through here (free with
+ * free()); NULL when out of memory. */
 static void *scratch_alloc(size_t bytes) {
+    if (atomic_load_explicit(&fail_countdown, memory_order_relaxed) > 0 &&
+        atomic_fetch_sub_explicit(&fail_countdown, 1, memory_order_relaxed) == 1)
+        return NULL;
     return aligned_alloc(64, (bytes + 63) & ~(size_t)63);
 }
 
@@ -841,14 +855,16 @@ static void round_slice(void *arg, int ith, int nth) {
     }
 }
 
-static bool matmul_sgemm(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y) {
+/* Returns VLM_OK, or VLM_ERR_NOMEM when the rounded copy of X cannot be
+ * allocated (y is then untouched). */
+static int matmul_sgemm(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y) {
     const int64_t n_in = w->n_in, n_out = w->n_out;
     const matmul_priv_t *priv = w->priv;
     const float *wf = w->type == VLM_DTYPE_F32 ? w->data : priv->f32;
     float *xr = NULL;
     if (w->type != VLM_DTYPE_F32) {
         xr = scratch_alloc((size_t)n_tok * (size_t)n_in * sizeof(float));
-        if (!xr) return false;
+        if (!xr) return VLM_ERR_NOMEM;
         round_job_t j = {.type = w->type, .x = x, .xr = xr, .n_tok = n_tok, .n_in = n_in};
         vlm_pool_run(pool, round_slice, &j);
     }
@@ -856,19 +872,22 @@ static bool matmul_sgemm(vlm_pool_t *pool, const vlm_weight_t *w, const float *x
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_tok, (int)n_out, (int)n_in, 1.0f, xr ? xr : x,
                 (int)n_in, wf, (int)n_in, 0.0f, y, (int)n_out);
     free(xr);
-    return true;
+    return VLM_OK;
 }
 
 /* ==== Entry points ======================================================= */
 
-static bool matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x, int64_t n_tok,
-                         float *const *ys, vlm_isa_t isa) {
+/* The one implementation behind the entry points: VLM_OK, or VLM_ERR_NOMEM
+ * when a scratch allocation fails (the ys are then partly written). */
+static int matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x, int64_t n_tok,
+                        float *const *ys, vlm_isa_t isa) {
+    if (n_tok <= 0 || n_w <= 0) return VLM_OK;
     const vlm__kernel_table_t *k = vlm__kernels_get(isa);
     mm_item_t items_small[8];
-    mm_item_t *items = n_w <= 8 ? items_small : malloc((size_t)n_w * sizeof *items);
-    if (!items) return false;
+    mm_item_t *items = n_w <= 8 ? items_small : scratch_alloc((size_t)n_w * sizeof *items);
+    if (!items) return VLM_ERR_NOMEM;
     mm_call_t c = {.items = items, .n_items = n_w, .kern = k, .x = x, .n_tok = n_tok, .n_in = ws[0]->n_in};
-    bool ok = true;
+    int rc = VLM_OK;
     for (int i = 0; i < n_w; i++) {
         const vlm_weight_t *w = ws[i];
         VLM_ASSERT(w->n_in == c.n_in);
@@ -911,7 +930,7 @@ static bool matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_
     if (c.n_units > 0) {
         uint8_t *mem = call_alloc(&c, vlm_pool_size(pool));
         if (!mem) {
-            ok = false;
+            rc = VLM_ERR_NOMEM;
             goto done;
         }
         /* tokens per block: the int8 activations of a block fill ~256 KiB of L2 */
@@ -923,36 +942,29 @@ static bool matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_
         free(mem);
     }
     /* sgemm only from this thread, outside any pool section */
-    for (int i = 0; i < n_w && ok; i++)
-        if (items[i].path == PATH_SGEMM) ok = matmul_sgemm(pool, items[i].w, x, n_tok, items[i].y);
+    for (int i = 0; i < n_w && rc == VLM_OK; i++)
+        if (items[i].path == PATH_SGEMM) rc = matmul_sgemm(pool, items[i].w, x, n_tok, items[i].y);
 done:
     if (items != items_small) free(items);
-    return ok;
+    return rc;
 }
 
-void vlm_matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x, int64_t n_tok,
-                      float *const *ys) {
-    if (n_tok <= 0 || n_w <= 0) return;
-    /* Scratch allocation failed: there is no error return, and a silent
-     * wrong result would be worse than stopping. */
-    VLM_ASSERT(matmul_multi(pool, ws, n_w, x, n_tok, ys, vlm_isa_best()));
+int vlm_matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x, int64_t n_tok,
+                     float *const *ys) {
+    return matmul_multi(pool, ws, n_w, x, n_tok, ys, vlm_isa_best());
 }
 
-void vlm_matmul(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y) {
-    if (n_tok <= 0) return;
-    VLM_ASSERT(matmul_multi(pool, &w, 1, x, n_tok, &y, vlm_isa_best()));
+int vlm_matmul(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y) {
+    return matmul_multi(pool, &w, 1, x, n_tok, &y, vlm_isa_best());
 }
 
-void vlm__matmul_isa(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y,
-                     vlm_isa_t isa) {
-    if (n_tok <= 0) return;
-    VLM_ASSERT(matmul_multi(pool, &w, 1, x, n_tok, &y, isa));
+int vlm__matmul_isa(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y, vlm_isa_t isa) {
+    return matmul_multi(pool, &w, 1, x, n_tok, &y, isa);
 }
 
-void vlm__matmul_multi_isa(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x,
-                           int64_t n_tok, float *const *ys, vlm_isa_t isa) {
-    if (n_tok <= 0 || n_w <= 0) return;
-    VLM_ASSERT(matmul_multi(pool, ws, n_w, x, n_tok, ys, isa));
+int vlm__matmul_multi_isa(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x, int64_t n_tok,
+                          float *const *ys, vlm_isa_t isa) {
+    return matmul_multi(pool, ws, n_w, x, n_tok, ys, isa);
 }
 
 void vlm_matmul_ref(const vlm_weight_t *w, const float *x, int64_t n_tok, float *y) {

@@ -79,17 +79,24 @@ void vlm_weight_release(vlm_weight_t *w);
  * bit-identical to what llama.cpp's CPU backend computes on x86. */
 #define VLM_WEIGHT_PREPARE_FAST_ORDER 2
 
-/* Y = X W^T as above. pool may be NULL (single thread). */
-void vlm_matmul(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y);
+/* Y = X W^T as above. pool may be NULL (single thread). Each call
+ * allocates its scratch (the converted activations, a few rows per thread)
+ * and frees it before returning. Returns VLM_OK (also for n_tok <= 0, which
+ * does nothing) or VLM_ERR_NOMEM when that scratch cannot be allocated; Y
+ * is then partly written and must not be used. There is no error detail:
+ * the caller knows which layer and how many rows, and says so. */
+int vlm_matmul(vlm_pool_t *pool, const vlm_weight_t *w, const float *x, int64_t n_tok, float *y);
 
 /* Y_k = X W_k^T for n_w weights that share X (same n_in): ys[k] is
  * [n_tok][ws[k]->n_out]. Same results as n_w vlm_matmul() calls, but X is
  * converted once per activation type and all weights run in one parallel
- * section, so use it for Q/K/V and for FFN gate/up. */
-void vlm_matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x, int64_t n_tok,
-                      float *const *ys);
+ * section, so use it for Q/K/V and for FFN gate/up. Returns VLM_OK or
+ * VLM_ERR_NOMEM as vlm_matmul() (then every ys[k] is to be discarded). */
+int vlm_matmul_multi(vlm_pool_t *pool, const vlm_weight_t *const *ws, int n_w, const float *x, int64_t n_tok,
+                     float *const *ys);
 
-/* Reference path: dequantize W to f32 rows and use plain loops (for tests). */
+/* Reference path: dequantize W to f32 rows and use plain loops (for tests
+ * only: it aborts if its one row of scratch cannot be allocated). */
 void vlm_matmul_ref(const vlm_weight_t *w, const float *x, int64_t n_tok, float *y);
 
 #endif

@@ -24,6 +24,7 @@
 #include "core/dtype.h"
 #include "core/gguf.h"
 #include "core/gguf_write.h"
+#include "core/kernels.h"
 #include "core/pool.h"
 #include "harness.h"
 #include "text/llama.h"
@@ -781,6 +782,99 @@ static void test_batch_errors(void) {
     case_close(&c);
 }
 
+/* ==== Out of memory in a matmul ========================================= */
+
+/* Fails the k-th matmul scratch allocation of one forward pass, for every k
+ * until the pass succeeds: each failure must return VLM_ERR_NOMEM with a
+ * message naming the layer and the weights, leave the sequence's length as
+ * it was, and the next pass must give the same logits, bit for bit, as an
+ * engine that never failed. Cases: a 10-row prefill in one chunk, the same
+ * in chunks of 4 rows (failures in a later chunk too), a decode step after
+ * a successful prefill (the failed step's K/V cells are rewritten), and a
+ * batch that rewrites the last 3 positions of the prefill (a failure there
+ * shortens the sequence to the 7 positions it did not touch). */
+static void test_matmul_out_of_memory(void) {
+    gcase_t c;
+    REQUIRE(case_open(&c, "micro-f32") == 0);
+    const int32_t nv = c.n_vocab, n_layer = c.m->hp.n_layer;
+    enum { N = 10 };
+    int32_t tok[N + 1], pos[N + 1], seq[N + 1] = {0}, last = N - 1, r0 = 0;
+    for (int32_t i = 0; i <= N; i++) {
+        tok[i] = 20 + 3 * i;
+        pos[i] = i;
+    }
+    const vlm_batch_t prefill = {.n = N, .tokens = tok, .pos = pos, .seq = seq, .n_logits = 1, .logits_rows = &last};
+    const vlm_batch_t decode = {.n = 1, .tokens = tok + N, .pos = pos + N, .seq = seq, .n_logits = 1,
+                                .logits_rows = &r0};
+    int32_t r2 = 2;
+    const vlm_batch_t rewrite = {.n = 3, .tokens = tok + N - 3, .pos = pos + N - 3, .seq = seq, .n_logits = 1,
+                                 .logits_rows = &r2};
+    float *ref = malloc((size_t)nv * sizeof(float)), *ref_dec = malloc((size_t)nv * sizeof(float));
+    float *logits = malloc((size_t)nv * sizeof(float));
+    REQUIRE(ref && ref_dec && logits);
+    vlm_error_t err = {0};
+    for (int chunk = 0; chunk < 4; chunk++) {
+        const int32_t n_batch = chunk == 1 ? 4 : 64;
+        const bool dec = chunk >= 2;
+        const vlm_batch_t *b = chunk == 3 ? &rewrite : dec ? &decode : &prefill;
+        engine_t e_ref, e;
+        REQUIRE(engine_init(&e_ref, c.m, g_pool, 1, 64, VLM_DTYPE_F16, n_batch) == 0);
+        REQUIRE(engine_init(&e, c.m, g_pool, 1, 64, VLM_DTYPE_F16, n_batch) == 0);
+        REQUIRE(vlm_decoder_forward(e_ref.d, &prefill, ref, &err) == 0, "%s", err.msg);
+        if (dec) {
+            REQUIRE(vlm_decoder_forward(e_ref.d, b, ref_dec, &err) == 0, "%s", err.msg);
+            REQUIRE(vlm_decoder_forward(e.d, &prefill, logits, &err) == 0, "%s", err.msg);
+        }
+        const int32_t len0 = dec ? N : 0, len_fail = chunk == 3 ? N - 3 : len0;
+        const int32_t len_ok = chunk == 3 ? N : len0 + b->n;
+        int n_fail = 0;
+        bool saw_first = false, saw_down = false, saw_output = false;
+        for (int k = 1; k < 1000; k++) {
+            vlm__matmul_fail_next_alloc(k);
+            vlm_error_clear(&err);
+            const int rc = vlm_decoder_forward(e.d, b, logits, &err);
+            vlm__matmul_fail_next_alloc(0);
+            if (rc == VLM_OK) {
+                CHECK(memcmp(logits, dec ? ref_dec : ref, (size_t)nv * sizeof(float)) == 0,
+                      "case %d: logits differ with the hook unfired", chunk);
+                break;
+            }
+            n_fail++;
+            CHECK(rc == VLM_ERR_NOMEM && err.code == VLM_ERR_NOMEM, "case %d, allocation %d: %s", chunk, k,
+                  vlm_error_name(rc));
+            CHECK(strncmp(err.msg, "out of memory in matmul (", 25) == 0, "%s", err.msg);
+            if (k == 1)
+                saw_first = strstr(err.msg, "(layer 0 attn_q/attn_k/attn_v, ") != NULL;
+            char want[80];
+            snprintf(want, sizeof want, "(layer %d ffn_down, ", (int)n_layer - 1);
+            saw_down |= strstr(err.msg, want) != NULL;
+            saw_output |= strstr(err.msg, "(output, 1 token)") != NULL;
+            CHECK(vlm_kv_cache_seq_len(&e.kv, 0) == len_fail, "case %d, allocation %d: length %d", chunk, k,
+                  (int)vlm_kv_cache_seq_len(&e.kv, 0));
+            /* The decoder still works: the same batch now gives the reference logits. */
+            CHECK(vlm_decoder_forward(e.d, b, logits, &err) == 0, "%s", err.msg);
+            CHECK(memcmp(logits, dec ? ref_dec : ref, (size_t)nv * sizeof(float)) == 0,
+                  "case %d: logits differ after a failure at allocation %d", chunk, k);
+            CHECK(vlm_kv_cache_seq_len(&e.kv, 0) == len_ok);
+            vlm_kv_cache_seq_keep(&e.kv, 0, len0);
+        }
+        /* One allocation per matmul call: 4 per layer and the output; chunks of
+         * 4 rows run the layers 3 times (the first 2 chunks stop after the
+         * last layer's K/V). */
+        const int want = chunk != 1 ? 4 * n_layer + 1 : 2 * (4 * (n_layer - 1) + 1) + 4 * n_layer + 1;
+        fprintf(stderr, "  case %d: %d allocation failures, each reported\n", chunk, n_fail);
+        CHECK(n_fail == want, "case %d: %d failures, expected %d", chunk, n_fail, want);
+        CHECK(saw_first && saw_down && saw_output, "case %d: messages %d %d %d", chunk, saw_first, saw_down,
+              saw_output);
+        engine_deinit(&e_ref);
+        engine_deinit(&e);
+    }
+    free(ref);
+    free(ref_dec);
+    free(logits);
+    case_close(&c);
+}
+
 /* ==== Small models written in memory ==================================== */
 
 enum tiny_variant {
@@ -1096,6 +1190,7 @@ int main(void) {
     RUN(test_load_errors);
     RUN(test_tiny_models);
     RUN(test_batch_errors);
+    RUN(test_matmul_out_of_memory);
     RUN(test_micro_hidden_and_logits);
     RUN(test_micro_greedy_exact);
     RUN(test_f32_cache);

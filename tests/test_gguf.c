@@ -13,12 +13,17 @@
  *  - the writer reproduces the golden files byte for byte and round-trips
  *    every value type;
  *  - fp16 conversions equal the F16C instructions bit for bit, bf16 equals
- *    an independent nearest-even rounding.
+ *    an independent nearest-even rounding;
+ *  - vlm_gguf_release_range drops exactly the whole pages inside a range
+ *    from the process's resident set (the mapping's Rss in
+ *    /proc/self/smaps), the data reads back from the file unchanged, and
+ *    ranges outside the mapping are rejected.
  */
 #include <dirent.h>
 #include <immintrin.h>
 #include <jansson.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1346,6 +1351,150 @@ static void test_bf16(void) {
     CHECK(bad == 0, "%d of %ld differ", bad, n);
 }
 
+/* ==== Releasing mapped pages ==== */
+
+/* Resident bytes of the mapping that contains addr (its Rss line in
+ * /proc/self/smaps), with the mapping's start address in *start; -1 when
+ * smaps cannot be read or has no such mapping. Mincore() would not do: it
+ * tells whether a page is in the page cache, not whether this process maps
+ * it. */
+static long long smaps_rss(const void *addr, uintptr_t *start) {
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f) return -1;
+    char line[1024];
+    bool in = false;
+    long long rss = -1;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        long long kb;
+        char c;
+        if (sscanf(line, "%lx-%lx %c", &lo, &hi, &c) == 3) {
+            in = (uintptr_t)addr >= lo && (uintptr_t)addr < hi;
+            if (in) *start = lo;
+        } else if (in && sscanf(line, "Rss: %lld kB", &kb) == 1) {
+            rss = kb * 1024;
+            break;
+        }
+    }
+    fclose(f);
+    return rss;
+}
+
+/* Reads one byte of every page of [p, p + n) so that each is mapped. */
+static unsigned touch_pages(const uint8_t *p, size_t n, size_t page) {
+    unsigned sum = 0;
+    for (size_t i = 0; i < n; i += page) sum += ((const volatile uint8_t *)p)[i];
+    if (n) sum += ((const volatile uint8_t *)p)[n - 1];
+    return sum;
+}
+
+/* The largest golden GGUF (so its largest tensor spans many pages); its
+ * largest tensor's pages are touched, released, and read back. */
+static void test_release_range(void) {
+    FILE *probe = fopen("/proc/self/smaps", "r");
+    if (!probe) SKIP("/proc/self/smaps is not readable here");
+    fclose(probe);
+    char names[32][64];
+    const int n_cases = list_cases(names, 32);
+    char path[512] = "";
+    long long best = -1;
+    for (int i = 0; i < n_cases; i++)
+        for (int k = 0; k < 2; k++) {
+            char p[512];
+            struct stat st;
+            snprintf(p, sizeof p, "%s/%.63s/%s", GOLDEN_DIR, names[i], k ? "mmproj.gguf" : "text.gguf");
+            if (stat(p, &st) == 0 && (long long)st.st_size > best) {
+                best = (long long)st.st_size;
+                snprintf(path, sizeof path, "%s", p);
+            }
+        }
+    REQUIRE(best > 0, "no golden GGUF under %s", GOLDEN_DIR);
+    vlm_gguf_t *g = NULL;
+    vlm_error_t err;
+    REQUIRE(vlm_gguf_open(path, &g, &err) == VLM_OK, "%s", err.msg);
+    const vlm_gguf_tensor_t *t = NULL;
+    for (size_t i = 0; i < vlm_gguf_n_tensors(g); i++)
+        if (!t || vlm_gguf_tensor_at(g, i)->nbytes > t->nbytes) t = vlm_gguf_tensor_at(g, i);
+    REQUIRE(t != NULL);
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), n = (size_t)t->nbytes;
+    const uint8_t *data = t->data;
+    const uint8_t *base = data - vlm_gguf_data_offset(g) - t->offset; /* the mapping: the whole file */
+    const size_t map_len = vlm_gguf_file_size(g);
+    fprintf(stderr, "  %s: tensor %s, %zu bytes\n", path, t->name, n);
+    REQUIRE(n >= 16 * page, "the largest tensor has only %zu bytes", n);
+    uint8_t *copy = malloc(n);
+    REQUIRE(copy != NULL);
+    memcpy(copy, data, n); /* touches every page of the range */
+
+    /* The whole pages inside the range. */
+    const uintptr_t lo = ((uintptr_t)data + page - 1) & ~(uintptr_t)(page - 1);
+    const uintptr_t hi = ((uintptr_t)data + n) & ~(uintptr_t)(page - 1);
+    uintptr_t start = 0;
+    touch_pages(data, n, page);
+    const long long rss0 = smaps_rss(data, &start);
+    if (rss0 < 0) {
+        free(copy);
+        vlm_gguf_destroy(&g);
+        SKIP("no Rss line for the file's mapping in /proc/self/smaps");
+    }
+    CHECK(start == (uintptr_t)base, "mapping starts at %#lx, expected %p", (unsigned long)start, (const void *)base);
+
+    /* A sub-range that starts 100 bytes into a page and is 3 pages long holds
+     * 2 whole pages: exactly those go. */
+    const uint8_t *sub = (const uint8_t *)lo + 100;
+    CHECK(vlm_gguf_release_range(g, sub, 3 * page) == VLM_OK);
+    const long long rss_sub = smaps_rss(data, &start);
+    fprintf(stderr, "  Rss %lld -> %lld bytes after releasing 2 whole pages\n", rss0, rss_sub);
+    CHECK(rss0 - rss_sub == 2 * (long long)page, "sub-range: Rss dropped by %lld bytes, expected %zu",
+          rss0 - rss_sub, 2 * page);
+    /* Less than a whole page: nothing to drop. */
+    CHECK(vlm_gguf_release_range(g, sub, page - 200) == VLM_OK);
+    CHECK(smaps_rss(data, &start) == rss_sub);
+    CHECK(memcmp(sub, copy + (sub - data), 3 * page) == 0, "sub-range reads back wrong");
+
+    /* The whole tensor. */
+    touch_pages(data, n, page);
+    const long long rss1 = smaps_rss(data, &start);
+    CHECK(rss1 == rss0, "Rss %lld after touching the range again, %lld before", rss1, rss0);
+    CHECK(vlm_gguf_release_range(g, data, n) == VLM_OK);
+    const long long rss2 = smaps_rss(data, &start);
+    const long long want = (long long)(hi - lo);
+    fprintf(stderr, "  Rss %lld -> %lld bytes after releasing %s (%lld bytes of whole pages)\n", rss1, rss2,
+            t->name, want);
+    CHECK(rss1 - rss2 == want, "Rss dropped by %lld bytes, expected %lld", rss1 - rss2, want);
+    /* File-backed: the pages come back from the file with the same bytes. */
+    CHECK(memcmp(data, copy, n) == 0, "%s reads back wrong after the release", t->name);
+    const long long rss3 = smaps_rss(data, &start);
+    CHECK(rss3 == rss1, "Rss %lld after reading the range back, %lld before the release", rss3, rss1);
+    /* The metadata around it still reads: find the tensor again by name. */
+    CHECK(vlm_gguf_find_tensor(g, t->name) == t);
+
+    /* Ranges outside the mapping. */
+    CHECK(vlm_gguf_release_range(g, copy, 2 * page) == VLM_ERR_INVALID_ARG, "a heap pointer");
+    CHECK(vlm_gguf_release_range(g, base - 1, 2) == VLM_ERR_INVALID_ARG, "one byte before the mapping");
+    CHECK(vlm_gguf_release_range(g, base + map_len, 1) == VLM_ERR_INVALID_ARG, "just past the end");
+    CHECK(vlm_gguf_release_range(g, data, map_len) == VLM_ERR_INVALID_ARG, "running past the end");
+    CHECK(vlm_gguf_release_range(g, base + map_len - 1, 1) == VLM_OK, "the last byte");
+    CHECK(vlm_gguf_release_range(g, data, 0) == VLM_OK, "an empty range");
+    CHECK(smaps_rss(data, &start) == rss3, "the calls above dropped pages");
+
+    /* A reader over a caller's buffer: nothing is released, the data stays. */
+    uint8_t *img = malloc(map_len);
+    REQUIRE(img != NULL);
+    memcpy(img, base, map_len);
+    vlm_gguf_t *gb = NULL;
+    CHECK(vlm_gguf_open_buffer(img, map_len, &gb, &err) == VLM_OK, "%s", err.msg);
+    if (gb) {
+        const vlm_gguf_tensor_t *tb = vlm_gguf_find_tensor(gb, t->name);
+        CHECK(tb && vlm_gguf_release_range(gb, tb->data, tb->nbytes) == VLM_OK);
+        CHECK(tb && memcmp(tb->data, copy, n) == 0);
+    }
+    vlm_gguf_destroy(&gb);
+    free(img);
+    free(copy);
+    vlm_gguf_destroy(&g);
+}
+
 int main(void) {
     RUN(test_dtype_table);
     RUN(test_fp16_known_values);
@@ -1360,5 +1509,6 @@ int main(void) {
     RUN(test_writer_reproduces_golden);
     RUN(test_writer_round_trip);
     RUN(test_getters_and_expect);
+    RUN(test_release_range);
     return harness_report();
 }

@@ -66,6 +66,9 @@ static void fill_gauss(float *x, int64_t n, float scale) {
 
 static uint16_t h(float f) { return vlm_fp32_to_fp16(f); }
 
+/* A matmul call that must succeed (it fails only when out of memory). */
+#define MM_OK(call) CHECK((call) == VLM_OK, "matmul failed")
+
 static const uint32_t weight_types[] = {
     VLM_DTYPE_F32,  VLM_DTYPE_F16,  VLM_DTYPE_BF16, VLM_DTYPE_Q4_0, VLM_DTYPE_Q4_1, VLM_DTYPE_Q5_0,
     VLM_DTYPE_Q5_1, VLM_DTYPE_Q8_0, VLM_DTYPE_Q4_K, VLM_DTYPE_Q5_K, VLM_DTYPE_Q6_K,
@@ -887,7 +890,7 @@ static void test_matmul_all_types(void) {
                             REQUIRE(vlm__weight_prepare_isa(&tw.w, flags, (vlm_isa_t)isa, &extra, &err) == VLM_OK);
                         }
                         memset(y, 0xFF, nt * n_out * sizeof *y);
-                        vlm__matmul_isa(pool, &tw.w, x, nt, y, (vlm_isa_t)isa);
+                        MM_OK(vlm__matmul_isa(pool, &tw.w, x, nt, y, (vlm_isa_t)isa));
                         check_matmul(what, &tw.w, x, nt, y, yref, scale);
                         if (is_quant(wt) && isa != VLM_ISA_SCALAR && variant != 2) {
                             const int nd = count_bit_diffs(y, yg, nt * n_out);
@@ -900,7 +903,7 @@ static void test_matmul_all_types(void) {
                 }
             }
             /* the public entry point */
-            vlm_matmul(pool2, &tw.w, x, nt, y);
+            MM_OK(vlm_matmul(pool2, &tw.w, x, nt, y));
             check_matmul("vlm_matmul", &tw.w, x, nt, y, yref, scale);
             if (is_quant(wt) && vlm_isa_best() != VLM_ISA_SCALAR)
                 CHECK(count_bit_diffs(y, yg, nt * n_out) == 0, "vlm_matmul %s: not ggml's order", vlm_dtype_name(wt));
@@ -941,7 +944,7 @@ static void test_matmul_large(void) {
         REQUIRE(x && y && yref && scale);
         fill_gauss(x, nt * n_in, 1.0f);
         matmul_dot_ref(&tw.w, x, nt, yref, scale);
-        vlm_matmul(pool, &tw.w, x, nt, y);
+        MM_OK(vlm_matmul(pool, &tw.w, x, nt, y));
         check_matmul("large/plain", &tw.w, x, nt, y, yref, scale);
         size_t extra = 0;
         vlm_error_t err;
@@ -949,7 +952,7 @@ static void test_matmul_large(void) {
         if (cases[c].type == VLM_DTYPE_F16 || cases[c].type == VLM_DTYPE_BF16 ||
             (cases[c].type != VLM_DTYPE_F32 && vlm_isa_best() != VLM_ISA_SCALAR))
             CHECK(extra > 0);
-        vlm_matmul(pool, &tw.w, x, nt, y);
+        MM_OK(vlm_matmul(pool, &tw.w, x, nt, y));
         check_matmul("large/prepared", &tw.w, x, nt, y, yref, scale);
         free(x);
         free(y);
@@ -988,9 +991,9 @@ static void test_matmul_multi(void) {
     fill_gauss(x, 40 * n_in, 1.0f);
     for (size_t k = 0; k < sizeof toks / sizeof toks[0]; k++) {
         const int64_t nt = toks[k];
-        vlm_matmul_multi(pool, ws, NW, x, nt, ys);
+        MM_OK(vlm_matmul_multi(pool, ws, NW, x, nt, ys));
         for (int i = 0; i < NW; i++) {
-            vlm_matmul(pool, ws[i], x, nt, y1);
+            MM_OK(vlm_matmul(pool, ws[i], x, nt, y1));
             CHECK(memcmp(y1, ys[i], nt * ws[i]->n_out * sizeof(float)) == 0, "%s n_tok=%lld: multi differs",
                   vlm_dtype_name(types[i]), (long long)nt);
         }
@@ -1001,6 +1004,97 @@ static void test_matmul_multi(void) {
     }
     free(y1);
     free(x);
+    vlm_pool_destroy(&pool);
+}
+
+/* A failed scratch allocation (injected with vlm__matmul_fail_next_alloc)
+ * makes vlm_matmul / vlm_matmul_multi return VLM_ERR_NOMEM instead of
+ * aborting, on every path that allocates: panels packed on the fly,
+ * prepared panels, dot rows, float weights, sgemm-prepared F16 (whose only
+ * allocation is the rounded copy of X), and a call of more than 8 weights
+ * (its item array). The hook counts allocations (n = 2: the second one
+ * fails), calls of 0 rows allocate nothing, and the call after a failure
+ * gives the same bits as before it. */
+static void test_matmul_alloc_failure(void) {
+    enum { NW = 9 };
+    static const struct {
+        uint32_t type;
+        int prep;  /* -1: unprepared, else vlm_weight_prepare flags */
+        int64_t n_tok;
+        const char *what;
+    } cases[] = {
+        {VLM_DTYPE_Q4_K, -1, 8, "Q4_K packed on the fly"},
+        {VLM_DTYPE_Q8_0, 0, 5, "Q8_0 prepared panels"},
+        {VLM_DTYPE_Q6_K, -1, 2, "Q6_K dot rows"},
+        {VLM_DTYPE_F16, -1, 17, "F16 fgemm"},
+        {VLM_DTYPE_BF16, VLM_WEIGHT_PREPARE_SGEMM, 20, "BF16 sgemm"},
+    };
+    const int64_t n_in = 256, n_out = 40, max_tok = 20;
+    vlm_pool_t *pool = vlm_pool_new(2);
+    REQUIRE(pool != NULL);
+    rng_seed(23);
+    float *x = malloc(max_tok * n_in * sizeof *x), *y = malloc(max_tok * n_out * sizeof *y);
+    float *yref = malloc(max_tok * n_out * sizeof *yref);
+    REQUIRE(x && y && yref);
+    fill_gauss(x, max_tok * n_in, 1.0f);
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        test_weight_t tw;
+        make_weight(&tw, cases[c].type, n_in, n_out);
+        vlm_error_t err;
+        size_t extra;
+        if (cases[c].prep >= 0) CHECK(vlm_weight_prepare(&tw.w, cases[c].prep, &extra, &err) == VLM_OK, "%s", err.msg);
+        const int64_t nt = cases[c].n_tok;
+        for (vlm_pool_t *p = NULL;; p = pool) {
+            MM_OK(vlm_matmul(p, &tw.w, x, nt, yref));
+            vlm__matmul_fail_next_alloc(1);
+            CHECK(vlm_matmul(p, &tw.w, x, nt, y) == VLM_ERR_NOMEM, "%s: no error", cases[c].what);
+            MM_OK(vlm_matmul(p, &tw.w, x, nt, y));
+            CHECK(memcmp(y, yref, nt * n_out * sizeof *y) == 0, "%s: wrong result after a failure", cases[c].what);
+            /* second allocation from now: the first call succeeds, the second fails */
+            vlm__matmul_fail_next_alloc(2);
+            MM_OK(vlm_matmul(p, &tw.w, x, 0, y)); /* allocates nothing */
+            MM_OK(vlm_matmul(p, &tw.w, x, nt, y));
+            CHECK(memcmp(y, yref, nt * n_out * sizeof *y) == 0, "%s", cases[c].what);
+            CHECK(vlm_matmul(p, &tw.w, x, nt, y) == VLM_ERR_NOMEM, "%s: second call did not fail", cases[c].what);
+            const vlm_weight_t *one = &tw.w;
+            vlm__matmul_fail_next_alloc(1);
+            CHECK(vlm_matmul_multi(p, &one, 1, x, nt, &y) == VLM_ERR_NOMEM, "%s: multi did not fail", cases[c].what);
+            vlm__matmul_fail_next_alloc(1);
+            CHECK(vlm__matmul_isa(p, &tw.w, x, nt, y, VLM_ISA_SCALAR) == VLM_ERR_NOMEM, "%s: scalar did not fail",
+                  cases[c].what);
+            MM_OK(vlm__matmul_isa(p, &tw.w, x, nt, y, VLM_ISA_SCALAR));
+            if (p) break;
+        }
+        free_weight(&tw);
+    }
+    /* More than 8 weights: allocation 1 is the item array, 2 the scratch. */
+    test_weight_t tw[NW];
+    const vlm_weight_t *ws[NW];
+    float *ys[NW], *yrefs[NW];
+    for (int i = 0; i < NW; i++) {
+        make_weight(&tw[i], i % 2 ? VLM_DTYPE_Q8_0 : VLM_DTYPE_Q4_0, n_in, n_out);
+        ws[i] = &tw[i].w;
+        ys[i] = malloc(max_tok * n_out * sizeof(float));
+        yrefs[i] = malloc(max_tok * n_out * sizeof(float));
+        REQUIRE(ys[i] && yrefs[i]);
+    }
+    MM_OK(vlm_matmul_multi(pool, ws, NW, x, 3, yrefs));
+    for (int k = 1; k <= 3; k++) {
+        vlm__matmul_fail_next_alloc(k);
+        const int rc = vlm_matmul_multi(pool, ws, NW, x, 3, ys);
+        CHECK(rc == (k <= 2 ? VLM_ERR_NOMEM : VLM_OK), "9 weights, allocation %d: %s", k, vlm_error_name(rc));
+    }
+    vlm__matmul_fail_next_alloc(0); /* disarm the unused countdown of k = 3 */
+    MM_OK(vlm_matmul_multi(pool, ws, NW, x, 3, ys));
+    for (int i = 0; i < NW; i++) {
+        CHECK(memcmp(ys[i], yrefs[i], 3 * n_out * sizeof(float)) == 0, "weight %d after failures", i);
+        free(ys[i]);
+        free(yrefs[i]);
+        free_weight(&tw[i]);
+    }
+    free(x);
+    free(y);
+    free(yref);
     vlm_pool_destroy(&pool);
 }
 
@@ -1129,7 +1223,7 @@ static void test_fgemm_tinyblas_order(void) {
                     if (isa == VLM_ISA_SCALAR && nt > 17) continue; /* slow, and nothing tiles there */
                     for (int threads = 1; threads <= 2; threads++) {
                         memset(y, 0xFF, nt * n_out * sizeof *y);
-                        vlm__matmul_isa(threads == 2 ? pool2 : NULL, &tw.w, x, nt, y, (vlm_isa_t)isa);
+                        MM_OK(vlm__matmul_isa(threads == 2 ? pool2 : NULL, &tw.w, x, nt, y, (vlm_isa_t)isa));
                         const int nd = count_bit_diffs(y, yref, nt * n_out);
                         CHECK(nd == 0, "%s n_in=%lld n_tok=%lld %s %dt: %d of %lld outputs differ from tinyBLAS's order",
                               vlm_dtype_name(wt), (long long)n_in, (long long)nt, vlm_isa_name((vlm_isa_t)isa), threads,
@@ -1192,7 +1286,7 @@ static void test_fgemm_vs_hardware(void) {
         REQUIRE(x && y && act);
         fill_gauss(x, nt * n_in, 1.0f);
         sprinkle_bf16_specials(&tw, x, nt * n_in);
-        vlm_matmul(NULL, &tw.w, x, nt, y);
+        MM_OK(vlm_matmul(NULL, &tw.w, x, nt, y));
         int nd = 0;
         for (int64_t t = 0; t < nt; t++) {
             /* the activation row as ggml's from_float writes it */
@@ -1242,13 +1336,13 @@ static void test_matmul_batch_invariance(void) {
                     vlm_error_t err;
                     REQUIRE(vlm__weight_prepare_isa(&tw.w, 0, (vlm_isa_t)isa, &extra, &err) == VLM_OK);
                 }
-                vlm__matmul_isa(pool, &tw.w, x, nt, yb, (vlm_isa_t)isa);
+                MM_OK(vlm__matmul_isa(pool, &tw.w, x, nt, yb, (vlm_isa_t)isa));
                 int nd = 0;
                 for (int64_t t = 0; t < nt; t++) {
-                    vlm__matmul_isa(pool, &tw.w, x + t * n_in, 1, y1, (vlm_isa_t)isa);
+                    MM_OK(vlm__matmul_isa(pool, &tw.w, x + t * n_in, 1, y1, (vlm_isa_t)isa));
                     nd += count_bit_diffs(y1, yb + t * n_out, n_out);
                 }
-                vlm__matmul_isa(pool, &tw.w, x + 13 * n_in, 3, y1, (vlm_isa_t)isa);
+                MM_OK(vlm__matmul_isa(pool, &tw.w, x + 13 * n_in, 3, y1, (vlm_isa_t)isa));
                 nd += count_bit_diffs(y1, yb + 13 * n_out, 3 * n_out);
                 CHECK(nd == 0, "%s %s %s: %d outputs depend on the batch", vlm_dtype_name(wt),
                       vlm_isa_name((vlm_isa_t)isa), prepared ? "prepared" : "unprepared", nd);
@@ -1282,10 +1376,10 @@ static void test_matmul_sgemm_opt_in(void) {
         CHECK(extra == (wt == VLM_DTYPE_F32 ? 0 : (size_t)(n_in * n_out * 4)), "%s: %zu extra bytes",
               vlm_dtype_name(wt), extra);
         matmul_dot_ref(&tw.w, x, nt, yref, scale);
-        vlm_matmul(NULL, &tw.w, x, nt, y);
+        MM_OK(vlm_matmul(NULL, &tw.w, x, nt, y));
         check_matmul("sgemm", &tw.w, x, nt, y, yref, scale);
         tinyblas_ref(&tw.w, x, 8, yref);
-        vlm_matmul(NULL, &tw.w, x, 8, y);
+        MM_OK(vlm_matmul(NULL, &tw.w, x, 8, y));
         CHECK(count_bit_diffs(y, yref, 8 * n_out) == 0, "%s: 8 rows should still use tinyBLAS's order",
               vlm_dtype_name(wt));
         free(x);
@@ -1461,15 +1555,15 @@ static void test_golden_matmul(void) {
         REQUIRE(yg != NULL);
         matmul_ggml_ref(&w, x, nt, yg);
         const bool exact = vlm_isa_best() != VLM_ISA_SCALAR;
-        vlm_matmul(pool, &w, x, nt, y);
+        MM_OK(vlm_matmul(pool, &w, x, nt, y));
         check_matmul("golden", &w, x, nt, y, yref, scale);
         CHECK(!exact || count_bit_diffs(y, yg, nt * w.n_out) == 0, "%s: not ggml's order", names[k]);
         size_t extra;
         REQUIRE(vlm_weight_prepare(&w, 0, &extra, &err) == VLM_OK);
-        vlm_matmul(pool, &w, x, nt, y);
+        MM_OK(vlm_matmul(pool, &w, x, nt, y));
         check_matmul("golden/prepared", &w, x, nt, y, yref, scale);
         CHECK(!exact || count_bit_diffs(y, yg, nt * w.n_out) == 0, "%s prepared: not ggml's order", names[k]);
-        vlm_matmul(pool, &w, x, 1, y);
+        MM_OK(vlm_matmul(pool, &w, x, 1, y));
         check_matmul("golden/prepared/1", &w, x, 1, y, yref, scale);
         CHECK(!exact || count_bit_diffs(y, yg, w.n_out) == 0, "%s prepared, 1 token: not ggml's order", names[k]);
         free(yg);
@@ -1506,6 +1600,7 @@ int main(void) {
     RUN(test_matmul_all_types);
     RUN(test_matmul_large);
     RUN(test_matmul_multi);
+    RUN(test_matmul_alloc_failure);
     RUN(test_fgemm_tinyblas_order);
     RUN(test_fgemm_vs_hardware);
     RUN(test_matmul_batch_invariance);

@@ -1345,9 +1345,22 @@ static void rows_run(vlm_decoder_t *d, rows_op_t op, int32_t n, const float *w) 
 
 /* ---- the forward pass ------------------------------------------------- */
 
+/* The error of a failed matmul (its scratch could not be allocated):
+ * which layer (-1: the output projection), which weights, how many rows. */
+static int matmul_failed(vlm_error_t *err, int rc, int32_t layer, const char *what, int32_t n_rows) {
+    const char *unit = n_rows == 1 ? "token" : "tokens";
+    if (layer < 0) return vlm_error_set(err, rc, "out of memory in matmul (%s, %d %s)", what, (int)n_rows, unit);
+    return vlm_error_set(err, rc, "out of memory in matmul (layer %d %s, %d %s)", (int)layer, what, (int)n_rows, unit);
+}
+
 /* Runs rows [c0, c0 + n) of batch b (already validated; n <= n_batch_max)
- * and writes the logits of the requested rows among them. */
-static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, int32_t n, float *logits) {
+ * and writes the logits of the requested rows among them. Returns VLM_OK,
+ * or VLM_ERR_NOMEM when a matmul cannot allocate its scratch: then part of
+ * the chunk's K/V may have been stored past the sequences' lengths (cells
+ * the next batch overwrites) and the logits are not to be used. It
+ * allocates nothing itself, so there is nothing to free. */
+static int forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, int32_t n, float *logits,
+                         vlm_error_t *err) {
     const vlm_llama_t *m = d->m;
     const vlm_llama_hparams_t *hp = &m->hp;
     vlm_kv_cache_t *kv = d->kv;
@@ -1399,7 +1412,8 @@ static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, in
         {
             const vlm_weight_t *const ws[3] = {&L->wq, &L->wk, &L->wv};
             float *const ys[3] = {d->q, d->k, d->v};
-            vlm_matmul_multi(d->pool, ws, 3, d->xn, n_act, ys);
+            const int rc = vlm_matmul_multi(d->pool, ws, 3, d->xn, n_act, ys);
+            if (rc != VLM_OK) return matmul_failed(err, rc, l, "attn_q/attn_k/attn_v", n_act);
         }
 
         /* RoPE on Q and K, then K and V into the cache, before any row attends
@@ -1409,7 +1423,7 @@ static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, in
         rows_run(d, ROWS_KV_STORE, n_act, NULL);
 
         /* In the last layer without logits rows nothing more is needed. */
-        if (l == hp->n_layer - 1 && n_out == 0) return;
+        if (l == hp->n_layer - 1 && n_out == 0) return VLM_OK;
 
         /* Attention, work items across the pool. */
         d->n_act = n_act;
@@ -1418,7 +1432,8 @@ static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, in
 
         /* Output projection of every row (llama.cpp selects rows only after it, and the
          * batch size can change a matmul's summation order). */
-        vlm_matmul(d->pool, &L->wo, d->attn, n_act, d->proj);
+        int rc = vlm_matmul(d->pool, &L->wo, d->attn, n_act, d->proj);
+        if (rc != VLM_OK) return matmul_failed(err, rc, l, "attn_output", n_act);
 
         /* Residual, ffn_inp = attn_output(attn) + x, and the FFN norm. The rows that go
          * on are all of them, or in the last layer the logits rows in logits order: those
@@ -1441,10 +1456,12 @@ static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, in
         {
             const vlm_weight_t *const ws[2] = {&L->ffn_gate, &L->ffn_up};
             float *const ys[2] = {d->gate, d->up};
-            vlm_matmul_multi(d->pool, ws, 2, d->xn, n_act, ys);
+            rc = vlm_matmul_multi(d->pool, ws, 2, d->xn, n_act, ys);
+            if (rc != VLM_OK) return matmul_failed(err, rc, l, "ffn_gate/ffn_up", n_act);
         }
         rows_run(d, ROWS_SILU, n_act, NULL);
-        vlm_matmul(d->pool, &L->ffn_down, d->gate, n_act, d->proj);
+        rc = vlm_matmul(d->pool, &L->ffn_down, d->gate, n_act, d->proj);
+        if (rc != VLM_OK) return matmul_failed(err, rc, l, "ffn_down", n_act);
 
         /* Residual, l_out = ffn_out + ffn_inp, and the next norm (the next layer's
          * attention norm, or the final norm). */
@@ -1459,10 +1476,12 @@ static void forward_chunk(vlm_decoder_t *d, const vlm_batch_t *b, int32_t c0, in
     for (int32_t i = 0; i < n_act;) {
         int32_t j = i + 1;
         while (j < n_act && d->out_idx[j] == d->out_idx[j - 1] + 1) j++;
-        vlm_matmul(d->pool, &m->output, d->xn + (size_t)i * n_embd, j - i,
-                   logits + (size_t)d->out_idx[i] * hp->n_vocab);
+        const int rc = vlm_matmul(d->pool, &m->output, d->xn + (size_t)i * n_embd, j - i,
+                                  logits + (size_t)d->out_idx[i] * hp->n_vocab);
+        if (rc != VLM_OK) return matmul_failed(err, rc, -1, "output", j - i);
         i = j;
     }
+    return VLM_OK;
 }
 
 /* Checks the whole batch before anything runs, so errors leave the cache as it was. */
@@ -1526,7 +1545,17 @@ int vlm_decoder_forward(vlm_decoder_t *d, const vlm_batch_t *b, float *logits, v
     if (rc || b->n == 0) return rc;
     for (int32_t c0 = 0; c0 < b->n; c0 += d->n_batch_max) {
         const int32_t n = b->n - c0 < d->n_batch_max ? b->n - c0 : d->n_batch_max;
-        forward_chunk(d, b, c0, n, logits);
+        rc = forward_chunk(d, b, c0, n, logits, err);
+        if (rc != VLM_OK) {
+            /* Out of memory in a matmul. A sequence keeps its length, unless
+             * the batch started inside it: then the cells from its first row
+             * on may be half rewritten, and only those before stay. */
+            for (int32_t i = 0; i < b->n; i++) {
+                int32_t *len = &d->kv->seq_len[b->seq[i]];
+                if (b->pos[i] < *len) *len = b->pos[i];
+            }
+            return rc;
+        }
     }
     /* Each sequence now ends after its last row (validate_batch left that in seq_next). */
     for (int32_t s = 0; s < d->kv->n_seq; s++)

@@ -181,7 +181,10 @@ void vlm_decoder_destroy(vlm_decoder_t **self_p);
  * The whole batch is validated before anything is computed: a position >=
  * n_ctx gives VLM_ERR_CONTEXT_OVERFLOW, bad sequence ids, token ids, row
  * indexes or position order VLM_ERR_INVALID_ARG, and the cache is left as
- * it was. */
+ * it was. A scratch allocation failing during the computation gives
+ * VLM_ERR_NOMEM (the message names the layer and matmul); every sequence of
+ * the batch is then cut back to its first row's position in the batch
+ * (normally its old length), so no half-written cache cells count. */
 int vlm_decoder_forward(vlm_decoder_t *d, const vlm_batch_t *b, float *logits, vlm_error_t *err);
 
 /* A hook called during forward with intermediate tensors, named as
