@@ -26,6 +26,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "core/args.h"
 #include "core/dtype.h"
 #include "daemon/engine.h"
 #include "daemon/server.h"
@@ -98,32 +99,63 @@ static int fail(const char *fmt, ...) {
     return 1;
 }
 
-static bool parse_long(const char *s, long lo, long hi, long *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return false;
-    *out = v;
-    return true;
-}
-
-static bool parse_seconds(const char *s, double *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= 0 && v <= 86400.0 * 365)) return false;
-    *out = v;
-    return true;
-}
-
-/* True when arg is the short or long spelling of an option (b may be NULL). */
-static bool is_opt(const char *arg, const char *a, const char *b) {
-    return strcmp(arg, a) == 0 || (b && strcmp(arg, b) == 0);
-}
-
 static bool file_exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* vlm_args_walk()'s callback: applies the option at the cursor to ctx (a
+ * vlmd_opts_t). Returns false, with the message in a->err, on an unknown
+ * option or a bad value. */
+static bool parse_option(vlm_args_t *a, void *ctx) {
+    vlmd_opts_t *o = ctx;
+    vlm_engine_opts_t *e = &o->engine;
+    vlm_server_opts_t *s = &o->server;
+    const double year_s = 86400.0 * 365;
+    const char *v;
+    int64_t n;
+    if (vlm_args_is(a, "-m", "--model")) return (e->model_path = vlm_args_value(a)) != NULL;
+    if (vlm_args_is(a, NULL, "--mmproj")) return (e->mmproj_path = vlm_args_value(a)) != NULL;
+    if (vlm_args_is(a, NULL, "--endpoint")) return (s->endpoint = vlm_args_value(a)) != NULL;
+    if (vlm_args_is(a, "-t", "--threads")) return vlm_args_value_i32(a, 1, 1024, &e->n_threads);
+    if (vlm_args_is(a, NULL, "--ctx")) return vlm_args_value_i32(a, 1, INT32_MAX, &e->n_ctx);
+    if (vlm_args_is(a, NULL, "--parallel")) return vlm_args_value_i32(a, 1, 256, &e->n_parallel);
+    if (vlm_args_is(a, NULL, "--queue")) return vlm_args_value_i32(a, 0, 65536, &e->queue_size);
+    if (vlm_args_is(a, NULL, "--image-cache")) return vlm_args_value_i32(a, 0, 1 << 20, &e->image_cache);
+    if (vlm_args_is(a, NULL, "--preprocess")) {
+        if (!(v = vlm_args_value(a))) return false;
+        const int m = vlm_preprocess_mode_from_name(v);
+        if (m < 0) return vlm_args_bad_value(a, "hf or llamacpp");
+        e->preprocess = (vlm_preprocess_mode_t)m;
+        return true;
+    }
+    if (vlm_args_is(a, NULL, "--max-pixels")) return vlm_args_value_i64(a, 1, INT64_MAX, &e->max_pixels);
+    if (vlm_args_is(a, NULL, "--max-image-bytes")) {
+        if (!vlm_args_value_i64(a, 1, INT64_C(1) << 30, &n)) return false;
+        s->limits.max_image_bytes = (size_t)n;
+        return true;
+    }
+    if (vlm_args_is(a, NULL, "--max-images")) return vlm_args_value_i32(a, 0, 1024, &s->limits.max_images);
+    if (vlm_args_is(a, NULL, "--grace")) return vlm_args_value_double(a, 0, year_s, &s->grace_s);
+    if (vlm_args_is(a, NULL, "--reply-timeout")) return vlm_args_value_double(a, 0, year_s, &s->reply_timeout_s);
+    if (vlm_args_is(a, NULL, "--heartbeat")) return vlm_args_value_i32(a, 0, 3600000, &s->heartbeat_ms);
+    if (vlm_args_is(a, NULL, "--kv-type")) {
+        if (!(v = vlm_args_value(a))) return false;
+        if (strcmp(v, "f16") == 0) e->kv_type = VLM_DTYPE_F16;
+        else if (strcmp(v, "f32") == 0) e->kv_type = VLM_DTYPE_F32;
+        else return vlm_args_bad_value(a, "f16 or f32");
+        return true;
+    }
+    if (vlm_args_is(a, NULL, "--template")) {
+        if (!(v = vlm_args_value(a))) return false;
+        if (vlm_chat_template_from_name(v) == VLM_CHAT_TEMPLATE_UNKNOWN)
+            return vlm_args_bad_value(a, "vicuna, llama2, llama3, mistral, chatml or raw");
+        e->template_name = v;
+        return true;
+    }
+    if (vlm_args_is(a, NULL, "--batch-images")) return vlm_args_flag(a, &e->batch_images);
+    if (vlm_args_is(a, NULL, "--prefill-batch")) return vlm_args_value_i32(a, 512, 65536, &e->prefill_budget);
+    return vlm_args_error(a, "unknown option '%s' (see --help)", a->arg);
 }
 
 /* Parses argv into o. Returns 0 to run, 2 after --help, 1 on a bad flag. */
@@ -134,97 +166,12 @@ static int parse_args(int argc, char **argv, vlmd_opts_t *o) {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     o->engine.n_threads = ncpu > 0 ? (int)(ncpu > 256 ? 256 : ncpu) : 1;
 
-    for (int i = 1; i < argc; i++) {
-        const char *arg = argv[i];
-        const char *val = NULL;
-        char name[64];
-        const char *eq = strncmp(arg, "--", 2) == 0 ? strchr(arg, '=') : NULL;
-        if (eq && (size_t)(eq - arg) < sizeof name) {
-            memcpy(name, arg, (size_t)(eq - arg));
-            name[eq - arg] = '\0';
-            val = eq + 1;
-            arg = name;
-        }
-#define IS(a, b) is_opt(arg, a, b)
-#define VALUE()                                                                \
-    do {                                                                       \
-        if (!val) {                                                            \
-            if (i + 1 >= argc) return fail("option '%s' needs a value", arg);  \
-            val = argv[++i];                                                   \
-        }                                                                      \
-    } while (0)
-#define INT_OPT(lo, hi, dst)                                                                  \
-    do {                                                                                      \
-        long v_;                                                                              \
-        VALUE();                                                                              \
-        if (!parse_long(val, lo, hi, &v_))                                                    \
-            return fail("%s: expected an integer in %ld..%ld, got '%s'", arg, (long)(lo),     \
-                        (long)(hi), val);                                                     \
-        dst = v_;                                                                             \
-    } while (0)
-        if (IS("-h", "--help")) {
-            usage(stdout);
-            return 2;
-        } else if (IS("-m", "--model")) {
-            VALUE();
-            o->engine.model_path = val;
-        } else if (IS("--mmproj", NULL)) {
-            VALUE();
-            o->engine.mmproj_path = val;
-        } else if (IS("--endpoint", NULL)) {
-            VALUE();
-            o->server.endpoint = val;
-        } else if (IS("-t", "--threads")) {
-            INT_OPT(1, 1024, o->engine.n_threads);
-        } else if (IS("--ctx", NULL)) {
-            INT_OPT(1, INT32_MAX, o->engine.n_ctx);
-        } else if (IS("--parallel", NULL)) {
-            INT_OPT(1, 256, o->engine.n_parallel);
-        } else if (IS("--queue", NULL)) {
-            INT_OPT(0, 65536, o->engine.queue_size);
-        } else if (IS("--image-cache", NULL)) {
-            INT_OPT(0, 1 << 20, o->engine.image_cache);
-        } else if (IS("--preprocess", NULL)) {
-            VALUE();
-            int m = vlm_preprocess_mode_from_name(val);
-            if (m < 0) return fail("--preprocess: expected hf or llamacpp, got '%s'", val);
-            o->engine.preprocess = (vlm_preprocess_mode_t)m;
-        } else if (IS("--max-pixels", NULL)) {
-            INT_OPT(1, LONG_MAX, o->engine.max_pixels);
-        } else if (IS("--max-image-bytes", NULL)) {
-            INT_OPT(1, 1L << 30, o->server.limits.max_image_bytes);
-        } else if (IS("--max-images", NULL)) {
-            INT_OPT(0, 1024, o->server.limits.max_images);
-        } else if (IS("--grace", NULL)) {
-            VALUE();
-            if (!parse_seconds(val, &o->server.grace_s)) return fail("--grace: expected seconds, got '%s'", val);
-        } else if (IS("--reply-timeout", NULL)) {
-            VALUE();
-            if (!parse_seconds(val, &o->server.reply_timeout_s))
-                return fail("--reply-timeout: expected seconds, got '%s'", val);
-        } else if (IS("--heartbeat", NULL)) {
-            INT_OPT(0, 3600000, o->server.heartbeat_ms);
-        } else if (IS("--kv-type", NULL)) {
-            VALUE();
-            if (strcmp(val, "f16") == 0) o->engine.kv_type = VLM_DTYPE_F16;
-            else if (strcmp(val, "f32") == 0) o->engine.kv_type = VLM_DTYPE_F32;
-            else return fail("--kv-type: expected f16 or f32, got '%s'", val);
-        } else if (IS("--template", NULL)) {
-            VALUE();
-            if (vlm_chat_template_from_name(val) == VLM_CHAT_TEMPLATE_UNKNOWN)
-                return fail("--template: unknown template '%s' (vicuna, llama2, llama3, mistral, chatml, raw)", val);
-            o->engine.template_name = val;
-        } else if (IS("--batch-images", NULL)) {
-            if (val) return fail("option '%s' takes no value", arg);
-            o->engine.batch_images = true;
-        } else if (IS("--prefill-batch", NULL)) {
-            INT_OPT(512, 65536, o->engine.prefill_budget);
-        } else {
-            return fail("unknown option '%s' (see --help)", argv[i]);
-        }
-#undef IS
-#undef VALUE
-#undef INT_OPT
+    vlm_args_t a;
+    const int walked = vlm_args_walk(&a, argc, argv, parse_option, o);
+    if (walked < 0) return fail("%s", a.err);
+    if (walked > 0) {
+        usage(stdout);
+        return 2;
     }
     o->engine.max_image_bytes = o->server.limits.max_image_bytes;
 

@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/utf8.h"
 #include "text/sampler.h"
 
 #define VLM_PROTO_VERSION 1
@@ -132,20 +133,7 @@ char *vlm_event_done(const char *id, const char *text, size_t len, const vlm_job
 /* {"v":1,"id":id,"event":"cancel","target":target,"found":found}. */
 char *vlm_event_cancel(const char *id, const char *target, bool found);
 
-/* ==== UTF-8 ============================================================= */
-
-/* A copy of s[0..n) as valid UTF-8: each maximal ill-formed subsequence
- * becomes U+FFFD, as Python's decode("utf-8", "replace") and vlm-run do.
- * Caller frees; NULL when out of memory. *out_len (may be NULL) gets the
- * length. */
-char *vlm_utf8_sanitize(const char *s, size_t n, size_t *out_len);
-
-/* The largest cut c in [from, limit] (limit <= n) such that s[from..c)
- * consists of whole units: complete characters, or ill-formed
- * subsequences already ended by a byte that cannot continue them. from
- * must itself be such a cut. Sanitizing the text piece by piece at these
- * cuts gives the same bytes as sanitizing it whole, so streamed pieces join
- * to the final text. */
-size_t vlm_utf8_stream_cut(const char *s, size_t n, size_t from, size_t limit);
+/* UTF-8 sanitizing and stream cuts: core/utf8.h (vlm_utf8_sanitize,
+ * vlm_utf8_stream_cut), shared with vlm-run. */
 
 #endif

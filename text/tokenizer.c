@@ -402,7 +402,8 @@ static bool str_eq(const char *s, size_t n, const char *lit) {
 
 static bool str_contains(const char *s, size_t n, const char *lit) {
     size_t m = strlen(lit);
-    return m <= n && memmem(s, n, lit, m) != NULL;
+    if (m > n) return false;
+    return m == 0 || (s != NULL && memmem(s, n, lit, m) != NULL);
 }
 
 /* Reads an optional BOOL key into *v; a missing key leaves *v. */

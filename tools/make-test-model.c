@@ -39,9 +39,11 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +53,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/args.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/gguf.h"
@@ -965,22 +968,126 @@ static int set_vision_preset(vision_opts_t *o, const char *name) {
     return 0;
 }
 
-static bool parse_i64(const char *s, int64_t *out) {
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s || *end) return false;
-    *out = v;
+/* --type, --output-type, --token-embd-type: the value at the cursor as a
+ * tensor type. */
+static bool value_type(vlm_args_t *a, uint32_t *out) {
+    const char *v = vlm_args_value(a);
+    if (!v) return false;
+    if (parse_type(v, out) != 0) return vlm_args_bad_value(a, "a tensor type (f32, f16, q8_0, q4_k, ...)");
     return true;
 }
 
-static bool parse_f32(const char *s, float *out) {
-    char *end;
-    errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end) return false;
-    *out = v;
+/* The text command's --type: the value at the cursor as a file type. */
+static bool value_ftype(vlm_args_t *a, const ftype_t **out) {
+    const char *v = vlm_args_value(a);
+    if (!v) return false;
+    const ftype_t *ft = parse_ftype(v);
+    if (!ft) return vlm_args_bad_value(a, "a file type (f32, f16, bf16, q4_0, ..., q6_k)");
+    *out = ft;
     return true;
+}
+
+/* Applies a common option (any command) at the cursor. Returns 1 when
+ * consumed, 0 when not one of them, -1 on a bad value (message in a->err). */
+static int common_option(vlm_args_t *a, common_opts_t *co, text_opts_t *to, vision_opts_t *vo) {
+    int64_t mb;
+    bool ok;
+    if (vlm_args_is(a, "-o", "--output")) {
+        ok = (co->out = vlm_args_value(a)) != NULL;
+    } else if (vlm_args_is(a, NULL, "--preset")) {
+        ok = vlm_args_value(a) != NULL; /* applied before the other options */
+    } else if (vlm_args_is(a, NULL, "--seed")) {
+        ok = vlm_args_value_u64(a, 0, INT64_MAX, &co->seed);
+    } else if (vlm_args_is(a, NULL, "--std")) {
+        ok = vlm_args_value_f32(a, FLT_TRUE_MIN, INFINITY, &co->std);
+    } else if (vlm_args_is(a, "-t", "--threads")) {
+        ok = vlm_args_value_i32(a, 1, 256, &co->n_threads);
+    } else if (vlm_args_is(a, NULL, "--max-mem-mb")) {
+        ok = vlm_args_value_i64(a, 1, INT64_MAX, &mb);
+        if (ok) co->max_mem = (uint64_t)mb > SIZE_MAX >> 20 ? SIZE_MAX : (size_t)mb << 20;
+    } else if (vlm_args_is(a, NULL, "--name")) {
+        ok = (to->name = vo->name = vlm_args_value(a)) != NULL;
+    } else if (vlm_args_is(a, NULL, "--verify")) {
+        ok = vlm_args_flag(a, &co->verify);
+    } else if (vlm_args_is(a, "-q", "--quiet")) {
+        ok = vlm_args_flag(a, &co->quiet);
+    } else {
+        return 0;
+    }
+    return ok ? 1 : -1;
+}
+
+/* The positive size options (int64_t fields) of each command: the flag and
+ * the field's offset in the command's options struct. */
+typedef struct size_opt {
+    const char *flag;
+    size_t offset;
+} size_opt_t;
+
+static const size_opt_t k_vision_sizes[] = {
+    {"--image-size", offsetof(vision_opts_t, image_size)}, {"--patch", offsetof(vision_opts_t, patch)},
+    {"--n-embd", offsetof(vision_opts_t, n_embd)},         {"--n-layer", offsetof(vision_opts_t, n_layer)},
+    {"--n-head", offsetof(vision_opts_t, n_head)},         {"--n-ff", offsetof(vision_opts_t, n_ff)},
+    {"--n-embd-text", offsetof(vision_opts_t, n_embd_text)},
+    {"--projection-dim", offsetof(vision_opts_t, projection_dim)},
+};
+
+static const size_opt_t k_text_sizes[] = {
+    {"--n-embd", offsetof(text_opts_t, n_embd)},   {"--n-layer", offsetof(text_opts_t, n_layer)},
+    {"--n-head", offsetof(text_opts_t, n_head)},   {"--n-head-kv", offsetof(text_opts_t, n_head_kv)},
+    {"--n-ff", offsetof(text_opts_t, n_ff)},       {"--n-vocab", offsetof(text_opts_t, n_vocab)},
+    {"--n-ctx", offsetof(text_opts_t, n_ctx)},     {"--sliding-window", offsetof(text_opts_t, sliding_window)},
+};
+
+/* A size option from table t[0..n) into the struct at base; as
+ * common_option(). */
+static int size_option(vlm_args_t *a, const size_opt_t *t, size_t n, void *base) {
+    for (size_t i = 0; i < n; i++)
+        if (vlm_args_is(a, NULL, t[i].flag))
+            return vlm_args_value_i64(a, 1, INT64_MAX, (int64_t *)((char *)base + t[i].offset)) ? 1 : -1;
+    return 0;
+}
+
+/* Applies an mmproj option at the cursor; as common_option(). */
+static int mmproj_option(vlm_args_t *a, vision_opts_t *vo) {
+    bool ok;
+    if (vlm_args_is(a, NULL, "--eps")) ok = vlm_args_value_f32(a, -INFINITY, INFINITY, &vo->eps);
+    else if (vlm_args_is(a, NULL, "--type")) ok = value_type(a, &vo->type);
+    else return size_option(a, k_vision_sizes, sizeof k_vision_sizes / sizeof *k_vision_sizes, vo);
+    return ok ? 1 : -1;
+}
+
+/* Applies a text (or vocab) option at the cursor; as common_option(). */
+static int text_option(vlm_args_t *a, text_opts_t *to) {
+    bool ok;
+    if (vlm_args_is(a, NULL, "--rope-theta")) ok = vlm_args_value_f32(a, FLT_TRUE_MIN, INFINITY, &to->rope_theta);
+    else if (vlm_args_is(a, NULL, "--eps")) ok = vlm_args_value_f32(a, FLT_TRUE_MIN, INFINITY, &to->eps);
+    else if (vlm_args_is(a, NULL, "--type")) ok = value_ftype(a, &to->ftype);
+    else if (vlm_args_is(a, NULL, "--output-type")) ok = value_type(a, &to->output_type);
+    else if (vlm_args_is(a, NULL, "--token-embd-type")) ok = value_type(a, &to->token_embd_type);
+    else if (vlm_args_is(a, NULL, "--tied")) ok = vlm_args_flag(a, &to->tied);
+    else if (vlm_args_is(a, NULL, "--rope-freqs")) ok = vlm_args_flag(a, &to->rope_freqs);
+    else if (vlm_args_is(a, NULL, "--pure")) ok = vlm_args_flag(a, &to->pure);
+    else return size_option(a, k_text_sizes, sizeof k_text_sizes / sizeof *k_text_sizes, to);
+    return ok ? 1 : -1;
+}
+
+/* What the options of one command fill in. */
+typedef struct option_ctx {
+    const char *cmd;           /* "text", "mmproj" or "vocab" */
+    bool is_mmproj;
+    common_opts_t *co;
+    text_opts_t *to;
+    vision_opts_t *vo;
+} option_ctx_t;
+
+/* vlm_args_walk()'s callback: a common option, else one of the command's. */
+static bool apply_option(vlm_args_t *a, void *ctx) {
+    option_ctx_t *c = ctx;
+    int r = common_option(a, c->co, c->to, c->vo);
+    if (r == 0) r = c->is_mmproj ? mmproj_option(a, c->vo) : text_option(a, c->to);
+    if (r == 0) return vlm_args_error(a, "unknown %s option '%s'", c->cmd, a->arg);
+    return r > 0;
 }
 
 int main(int argc, char **argv) {
@@ -996,8 +1103,10 @@ int main(int argc, char **argv) {
     }
     /* The preset goes first, whatever its position, so that size options override it. */
     const char *preset = is_mmproj ? "micro" : "micro";
-    for (int i = 2; i + 1 < argc; i++)
-        if (!strcmp(argv[i], "--preset")) preset = argv[i + 1];
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "--preset") && i + 1 < argc) preset = argv[i + 1];
+        else if (!strncmp(argv[i], "--preset=", 9)) preset = argv[i] + 9;
+    }
     text_opts_t to;
     vision_opts_t vo;
     if ((is_mmproj ? set_vision_preset(&vo, preset) : set_text_preset(&to, preset)) != 0) {
@@ -1013,60 +1122,17 @@ int main(int argc, char **argv) {
     snprintf(default_name, sizeof default_name, "vlmd-test-%s-%s", is_mmproj ? "mmproj" : "text", preset);
     to.name = vo.name = default_name;
 
-    for (int i = 2; i < argc; i++) {
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int64_t n = 0;
-        bool ok = true, takes = true;
-#define INT_OPT(flag, field) else if (!strcmp(a, flag)) ok = v && parse_i64(v, &n) && n > 0 && ((field) = n, true)
-        if (!strcmp(a, "-o") || !strcmp(a, "--output")) ok = v && (co.out = v);
-        else if (!strcmp(a, "--preset")) ok = v != NULL;
-        else if (!strcmp(a, "--seed")) ok = v && parse_i64(v, &n) && n >= 0 && (co.seed = (uint64_t)n, true);
-        else if (!strcmp(a, "--std")) ok = v && parse_f32(v, &co.std) && co.std > 0;
-        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) ok = v && parse_i64(v, &n) && n > 0 && n <= 256 && (co.n_threads = (int)n, true);
-        else if (!strcmp(a, "--max-mem-mb")) ok = v && parse_i64(v, &n) && n > 0 && (co.max_mem = (size_t)n << 20, true);
-        else if (!strcmp(a, "--name")) ok = v && (to.name = vo.name = v);
-        else if (!strcmp(a, "--verify")) { co.verify = true; takes = false; }
-        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) { co.quiet = true; takes = false; }
-        else if (is_mmproj) {
-            if (0) {}
-            INT_OPT("--image-size", vo.image_size);
-            INT_OPT("--patch", vo.patch);
-            INT_OPT("--n-embd", vo.n_embd);
-            INT_OPT("--n-layer", vo.n_layer);
-            INT_OPT("--n-head", vo.n_head);
-            INT_OPT("--n-ff", vo.n_ff);
-            INT_OPT("--n-embd-text", vo.n_embd_text);
-            INT_OPT("--projection-dim", vo.projection_dim);
-            else if (!strcmp(a, "--eps")) ok = v && parse_f32(v, &vo.eps);
-            else if (!strcmp(a, "--type")) ok = v && parse_type(v, &vo.type) == 0;
-            else { fprintf(stderr, "make-test-model: unknown mmproj option '%s'\n", a); return 2; }
-        } else {
-            if (0) {}
-            INT_OPT("--n-embd", to.n_embd);
-            INT_OPT("--n-layer", to.n_layer);
-            INT_OPT("--n-head", to.n_head);
-            INT_OPT("--n-head-kv", to.n_head_kv);
-            INT_OPT("--n-ff", to.n_ff);
-            INT_OPT("--n-vocab", to.n_vocab);
-            INT_OPT("--n-ctx", to.n_ctx);
-            INT_OPT("--sliding-window", to.sliding_window);
-            else if (!strcmp(a, "--rope-theta")) ok = v && parse_f32(v, &to.rope_theta) && to.rope_theta > 0;
-            else if (!strcmp(a, "--eps")) ok = v && parse_f32(v, &to.eps) && to.eps > 0;
-            else if (!strcmp(a, "--type")) ok = v && (to.ftype = parse_ftype(v)) != NULL;
-            else if (!strcmp(a, "--output-type")) ok = v && parse_type(v, &to.output_type) == 0;
-            else if (!strcmp(a, "--token-embd-type")) ok = v && parse_type(v, &to.token_embd_type) == 0;
-            else if (!strcmp(a, "--tied")) { to.tied = true; takes = false; }
-            else if (!strcmp(a, "--rope-freqs")) { to.rope_freqs = true; takes = false; }
-            else if (!strcmp(a, "--pure")) { to.pure = true; takes = false; }
-            else { fprintf(stderr, "make-test-model: unknown %s option '%s'\n", cmd, a); return 2; }
-        }
-#undef INT_OPT
-        if (!ok) {
-            fprintf(stderr, "make-test-model: option %s needs a valid value%s%s\n", a, v ? ", not " : "", v ? v : "");
-            return 2;
-        }
-        if (takes) i++;
+    /* The options, after the command (argv[1] plays the program's name). */
+    vlm_args_t a;
+    option_ctx_t ctx = {.cmd = cmd, .is_mmproj = is_mmproj, .co = &co, .to = &to, .vo = &vo};
+    const int walked = vlm_args_walk(&a, argc - 1, argv + 1, apply_option, &ctx);
+    if (walked > 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (walked < 0) {
+        fprintf(stderr, "make-test-model: %s\n", a.err);
+        return 2;
     }
     if (!co.out) {
         fprintf(stderr, "make-test-model: -o FILE is required\n");

@@ -7,9 +7,12 @@
  *   vlm caption DIR               caption a folder tree of JPEG/PNG files
  *   vlm health | stats | model    the daemon's state, pretty-printed
  *
- * The endpoint comes from --endpoint, else $VLM_ENDPOINT, else
- * tcp://127.0.0.1:5555. Exit status: 0 ok, 1 a job or the daemon failed,
- * 2 usage error, 3 no connection or a timeout, 130 interrupted (SIGINT).
+ * Options are "--name value" or "--name=value" (core/args.h), before or
+ * after the positional arguments; "--" ends them, so `vlm ask -- -x.jpg Q`
+ * reads "-x.jpg" as an image. The endpoint comes from --endpoint, else
+ * $VLM_ENDPOINT, else tcp://127.0.0.1:5555. Exit status: 0 ok, 1 a job or
+ * the daemon failed, 2 usage error, 3 no connection or a timeout, 130
+ * interrupted (SIGINT).
  *
  * Frames on stdin (`ask -`, `watch -`) are split by their own structure:
  * JPEG by its marker segments (SOI FFD8 ... EOI FFD9, skipping each
@@ -19,6 +22,7 @@
  */
 #include <dirent.h>
 #include <errno.h>
+#include <float.h>
 #include <jansson.h>
 #include <limits.h>
 #include <math.h>
@@ -37,6 +41,7 @@
 #include <unistd.h>
 
 #include "clients/c/vlm.h"
+#include "core/args.h"
 
 #define EXIT_JOB 1
 #define EXIT_USAGE 2
@@ -152,145 +157,67 @@ static void cli_init(cli_t *o) {
     o->params.stop = o->stops;
 }
 
-/* An argument cursor: "--name=value" and "--name value" both work. */
-typedef struct args {
-    int argc, i;
-    char **argv;
-    char name[64];
-    const char *arg;     /* the option name being parsed */
-    const char *inline_val;
-} args_t;
-
-/* The value of the current option; NULL (after a message) when missing. */
-static const char *arg_value(args_t *a) {
-    if (a->inline_val) return a->inline_val;
-    if (a->i + 1 >= a->argc) {
-        usage_error("option '%s' needs a value", a->arg);
-        return NULL;
-    }
-    return a->argv[++a->i];
-}
-
-static bool parse_num(const char *s, double lo, double hi, double *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !isfinite(v) || v < lo || v > hi) return false;
-    *out = v;
+/* --stop TEXT: one more non-empty stop string. */
+static bool add_stop(vlm_args_t *a, cli_t *o) {
+    const char *v = vlm_args_value(a);
+    if (!v) return false;
+    if (o->params.n_stop == MAX_STOP) return vlm_args_error(a, "at most %d --stop strings", MAX_STOP);
+    if (!*v) return vlm_args_bad_value(a, "a non-empty string");
+    o->stops[o->params.n_stop++] = v;
     return true;
 }
 
-static bool parse_int(const char *s, long long lo, long long hi, long long *out) {
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return false;
-    *out = v;
-    return true;
-}
-
-/* Tries the common and (when gen) the generation options at a->argv[a->i].
- * Returns 1 when consumed, 0 when not one of them, -1 after a usage error. */
-static int parse_shared(args_t *a, cli_t *o, bool gen) {
-#define IS(s) (strcmp(a->arg, s) == 0)
-#define VAL(v)                                                                 \
-    const char *v = arg_value(a);                                              \
-    if (!v) return -1
-#define BAD(what) return (usage_error("%s: expected %s, got '%s'", a->arg, what, v), -1)
-    double d;
-    long long n;
+/* Tries the common and (when gen) the generation options at the cursor.
+ * Returns 1 when consumed, 0 when not one of them, -1 on a bad value (the
+ * message is in a->err). */
+static int parse_shared(vlm_args_t *a, cli_t *o, bool gen) {
+    const double year_s = 86400.0 * 365;
     vlm_client_params_t *p = &o->params;
-    if (IS("--endpoint")) {
-        VAL(v);
-        o->endpoint = v;
-    } else if (IS("--timeout")) {
-        VAL(v);
-        if (!parse_num(v, 0.05, 86400.0 * 365, &d)) BAD("seconds > 0");
-        o->timeout_s = d;
+    const char *v;
+    double ms;
+    bool ok;
+    if (vlm_args_is(a, NULL, "--endpoint")) {
+        ok = (o->endpoint = vlm_args_value(a)) != NULL;
+    } else if (vlm_args_is(a, NULL, "--timeout")) {
+        ok = vlm_args_value_double(a, 0.05, year_s, &o->timeout_s);
     } else if (!gen) {
         return 0;
-    } else if (IS("-n") || IS("--max-tokens")) {
-        VAL(v);
-        if (!parse_int(v, 1, 65536, &n)) BAD("an integer in 1..65536");
-        p->max_tokens = (int32_t)n;
-    } else if (IS("--temp") || IS("--temperature")) {
-        VAL(v);
-        if (!parse_num(v, 0, 1e6, &d)) BAD("a number >= 0");
-        p->temperature = d;
-    } else if (IS("--top-k")) {
-        VAL(v);
-        if (!parse_int(v, 0, INT32_MAX, &n)) BAD("an integer >= 0");
-        p->top_k = (int32_t)n;
-    } else if (IS("--top-p")) {
-        VAL(v);
-        if (!parse_num(v, 0, 1, &d) || d == 0) BAD("a number in (0, 1]");
-        p->top_p = d;
-    } else if (IS("--min-p")) {
-        VAL(v);
-        if (!parse_num(v, 0, 1, &d)) BAD("a number in [0, 1]");
-        p->min_p = d;
-    } else if (IS("--repeat-penalty")) {
-        VAL(v);
-        if (!parse_num(v, 0, 10, &d) || d == 0) BAD("a number in (0, 10]");
-        p->repeat_penalty = d;
-    } else if (IS("--repeat-last-n")) {
-        VAL(v);
-        if (!parse_int(v, 0, 1 << 20, &n)) BAD("an integer >= 0");
-        p->repeat_last_n = (int32_t)n;
-    } else if (IS("--seed")) {
-        VAL(v);
-        if (!parse_int(v, 0, INT64_MAX, &n)) BAD("an integer >= 0");
-        p->seed = n;
-    } else if (IS("--template")) {
-        VAL(v);
-        p->template_name = v;
-    } else if (IS("--preprocess")) {
-        VAL(v);
-        if (strcmp(v, "hf") != 0 && strcmp(v, "llamacpp") != 0) BAD("hf or llamacpp");
-        p->preprocess = v;
-    } else if (IS("--system")) {
-        VAL(v);
-        p->system = v;
-    } else if (IS("--stop")) {
-        VAL(v);
-        if (p->n_stop == MAX_STOP) return (usage_error("at most %d --stop strings", MAX_STOP), -1);
-        if (!*v) BAD("a non-empty string");
-        o->stops[p->n_stop++] = v;
-    } else if (IS("--job-timeout")) {
-        VAL(v);
-        if (!parse_num(v, 0.001, 86400.0 * 365, &d)) BAD("seconds > 0");
-        p->timeout_ms = (int32_t)fmin(d * 1000.0, (double)INT32_MAX);
+    } else if (vlm_args_is(a, "-n", "--max-tokens")) {
+        ok = vlm_args_value_i32(a, 1, 65536, &p->max_tokens);
+    } else if (vlm_args_is(a, NULL, "--temp") || vlm_args_is(a, NULL, "--temperature")) {
+        ok = vlm_args_value_double(a, 0, 1e6, &p->temperature);
+    } else if (vlm_args_is(a, NULL, "--top-k")) {
+        ok = vlm_args_value_i32(a, 0, INT32_MAX, &p->top_k);
+    } else if (vlm_args_is(a, NULL, "--top-p")) {
+        ok = vlm_args_value_double(a, DBL_TRUE_MIN, 1, &p->top_p);
+    } else if (vlm_args_is(a, NULL, "--min-p")) {
+        ok = vlm_args_value_double(a, 0, 1, &p->min_p);
+    } else if (vlm_args_is(a, NULL, "--repeat-penalty")) {
+        ok = vlm_args_value_double(a, DBL_TRUE_MIN, 10, &p->repeat_penalty);
+    } else if (vlm_args_is(a, NULL, "--repeat-last-n")) {
+        ok = vlm_args_value_i32(a, 0, 1 << 20, &p->repeat_last_n);
+    } else if (vlm_args_is(a, NULL, "--seed")) {
+        ok = vlm_args_value_i64(a, 0, INT64_MAX, &p->seed);
+    } else if (vlm_args_is(a, NULL, "--template")) {
+        ok = (p->template_name = vlm_args_value(a)) != NULL;
+    } else if (vlm_args_is(a, NULL, "--preprocess")) {
+        ok = (v = vlm_args_value(a)) != NULL;
+        if (ok && strcmp(v, "hf") != 0 && strcmp(v, "llamacpp") != 0) ok = vlm_args_bad_value(a, "hf or llamacpp");
+        if (ok) p->preprocess = v;
+    } else if (vlm_args_is(a, NULL, "--system")) {
+        ok = (p->system = vlm_args_value(a)) != NULL;
+    } else if (vlm_args_is(a, NULL, "--stop")) {
+        ok = add_stop(a, o);
+    } else if (vlm_args_is(a, NULL, "--job-timeout")) {
+        ok = vlm_args_value_double(a, 0.001, year_s, &ms);
+        if (ok) p->timeout_ms = (int32_t)fmin(ms * 1000.0, (double)INT32_MAX);
     } else {
         return 0;
     }
-    return 1;
-#undef IS
-#undef VAL
-#undef BAD
+    return ok ? 1 : -1;
 }
 
-/* Starts parsing argv[a->i]: splits "--name=value". Returns false for a
- * positional argument (including "-" and everything after "--"). */
-static bool arg_is_option(args_t *a, bool *after_dashes) {
-    const char *s = a->argv[a->i];
-    a->arg = s;
-    a->inline_val = NULL;
-    if (*after_dashes || s[0] != '-' || s[1] == '\0') return false;
-    if (strcmp(s, "--") == 0) {
-        *after_dashes = true;
-        return false;
-    }
-    const char *eq = strncmp(s, "--", 2) == 0 ? strchr(s, '=') : NULL;
-    if (eq && (size_t)(eq - s) < sizeof a->name) {
-        memcpy(a->name, s, (size_t)(eq - s));
-        a->name[eq - s] = '\0';
-        a->arg = a->name;
-        a->inline_val = eq + 1;
-    }
-    return true;
-}
-
-static bool is_help(const char *s) { return strcmp(s, "-h") == 0 || strcmp(s, "--help") == 0; }
+static bool is_help(const vlm_args_t *a) { return vlm_args_is(a, "-h", "--help"); }
 
 /* A client for the options; NULL after a message. */
 static vlm_client_t *make_client(const cli_t *o) {
@@ -597,28 +524,27 @@ static int cmd_ask(int argc, char **argv) {
     const char *prompt = NULL;
     const char *pos[MAX_IMAGES + 1];
     int n_pos = 0;
-    bool json = false, dashes = false;
-    args_t a = {.argc = argc, .argv = argv};
-    for (a.i = 1; a.i < argc; a.i++) {
-        if (!arg_is_option(&a, &dashes)) {
+    bool json = false;
+    vlm_args_t a;
+    vlm_args_init(&a, argc, argv);
+    while (vlm_args_next(&a)) {
+        if (!vlm_args_is_option(&a)) {
             if (n_pos == MAX_IMAGES + 1) return usage_error("at most %d images", MAX_IMAGES);
-            pos[n_pos++] = argv[a.i];
+            pos[n_pos++] = a.arg;
             continue;
         }
-        if (is_help(a.arg)) {
+        if (is_help(&a)) {
             printf("%s\n%s\n%s\n%s", ask_help, gen_help, common_help, exit_help);
             return 0;
         }
         int r = parse_shared(&a, &o, true);
-        if (r < 0) return EXIT_USAGE;
-        if (r > 0) continue;
-        if (strcmp(a.arg, "-p") == 0 || strcmp(a.arg, "--prompt") == 0) {
-            if (!(prompt = arg_value(&a))) return EXIT_USAGE;
-        } else if (strcmp(a.arg, "--json") == 0) {
-            json = true;
-        } else {
-            return usage_error("unknown option '%s'", argv[a.i]);
+        if (r == 0) {
+            r = 1;
+            if (vlm_args_is(&a, "-p", "--prompt")) r = (prompt = vlm_args_value(&a)) ? 1 : -1;
+            else if (vlm_args_is(&a, NULL, "--json")) json = true;
+            else return usage_error("unknown option '%s'", a.arg);
         }
+        if (r < 0) return usage_error("%s", a.err);
     }
     if (!prompt) {
         if (n_pos == 0) return usage_error("no question given");
@@ -711,19 +637,19 @@ static int cmd_op(int argc, char **argv, const char *op) {
     g_cmd = name;
     cli_t o;
     cli_init(&o);
-    bool dashes = false;
-    args_t a = {.argc = argc, .argv = argv};
-    for (a.i = 1; a.i < argc; a.i++) {
-        if (!arg_is_option(&a, &dashes)) return usage_error("unexpected argument '%s'", argv[a.i]);
-        if (is_help(a.arg)) {
+    vlm_args_t a;
+    vlm_args_init(&a, argc, argv);
+    while (vlm_args_next(&a)) {
+        if (!vlm_args_is_option(&a)) return usage_error("unexpected argument '%s'", a.arg);
+        if (is_help(&a)) {
             printf("usage: vlm %s [options]\n\nPrints the daemon's answer to the %s op as indented JSON%s.\n\n%s\n%s",
                    op, op, strcmp(op, "health") == 0 ? " (exit 0 when its status is ok)" : "", common_help,
                    exit_help);
             return 0;
         }
         int r = parse_shared(&a, &o, false);
-        if (r < 0) return EXIT_USAGE;
-        if (r == 0) return usage_error("unknown option '%s'", argv[a.i]);
+        if (r == 0) return usage_error("unknown option '%s'", a.arg);
+        if (r < 0) return usage_error("%s", a.err);
     }
     vlm_client_t *c = make_client(&o);
     if (!c) return EXIT_CONN;
@@ -857,31 +783,25 @@ static int cmd_watch(int argc, char **argv) {
     const char *pos[2];
     int n_pos = 0;
     double interval = 2.0;
-    bool dashes = false;
-    args_t a = {.argc = argc, .argv = argv};
-    for (a.i = 1; a.i < argc; a.i++) {
-        if (!arg_is_option(&a, &dashes)) {
-            if (n_pos == 2) return usage_error("unexpected argument '%s'", argv[a.i]);
-            pos[n_pos++] = argv[a.i];
+    vlm_args_t a;
+    vlm_args_init(&a, argc, argv);
+    while (vlm_args_next(&a)) {
+        if (!vlm_args_is_option(&a)) {
+            if (n_pos == 2) return usage_error("unexpected argument '%s'", a.arg);
+            pos[n_pos++] = a.arg;
             continue;
         }
-        if (is_help(a.arg)) {
+        if (is_help(&a)) {
             printf("%s\n%s\n%s\n%s", watch_help, gen_help, common_help, exit_help);
             return 0;
         }
         int r = parse_shared(&a, &o, true);
-        if (r < 0) return EXIT_USAGE;
-        if (r > 0) continue;
-        if (strcmp(a.arg, "-p") == 0 || strcmp(a.arg, "--prompt") == 0) {
-            if (!(prompt = arg_value(&a))) return EXIT_USAGE;
-        } else if (strcmp(a.arg, "--interval") == 0) {
-            const char *v = arg_value(&a);
-            if (!v) return EXIT_USAGE;
-            if (!parse_num(v, 0, 86400, &interval))
-                return usage_error("--interval: expected seconds >= 0, got '%s'", v);
-        } else {
-            return usage_error("unknown option '%s'", argv[a.i]);
+        if (r == 0) {
+            if (vlm_args_is(&a, "-p", "--prompt")) r = (prompt = vlm_args_value(&a)) ? 1 : -1;
+            else if (vlm_args_is(&a, NULL, "--interval")) r = vlm_args_value_double(&a, 0, 86400, &interval) ? 1 : -1;
+            else return usage_error("unknown option '%s'", a.arg);
         }
+        if (r < 0) return usage_error("%s", a.err);
     }
     int n_src = 0;
     for (int i = 0; i < n_pos; i++) {
@@ -1285,37 +1205,31 @@ static int cmd_caption(int argc, char **argv) {
     cli_t o;
     cli_init(&o);
     const char *prompt = "Describe the image.", *dir = NULL, *out_path = NULL;
-    long long inflight = 4;
-    bool sidecar = false, resume = false, dashes = false;
-    args_t a = {.argc = argc, .argv = argv};
-    for (a.i = 1; a.i < argc; a.i++) {
-        if (!arg_is_option(&a, &dashes)) {
-            if (dir) return usage_error("one folder only (got '%s' and '%s')", dir, argv[a.i]);
-            dir = argv[a.i];
+    int32_t inflight = 4;
+    bool sidecar = false, resume = false;
+    vlm_args_t a;
+    vlm_args_init(&a, argc, argv);
+    while (vlm_args_next(&a)) {
+        if (!vlm_args_is_option(&a)) {
+            if (dir) return usage_error("one folder only (got '%s' and '%s')", dir, a.arg);
+            dir = a.arg;
             continue;
         }
-        if (is_help(a.arg)) {
+        if (is_help(&a)) {
             printf("%s\n%s\n%s\n%s", caption_help, gen_help, common_help, exit_help);
             return 0;
         }
         int r = parse_shared(&a, &o, true);
-        if (r < 0) return EXIT_USAGE;
-        if (r > 0) continue;
-        if (strcmp(a.arg, "-p") == 0 || strcmp(a.arg, "--prompt") == 0) {
-            if (!(prompt = arg_value(&a))) return EXIT_USAGE;
-        } else if (strcmp(a.arg, "-o") == 0 || strcmp(a.arg, "--out") == 0) {
-            if (!(out_path = arg_value(&a))) return EXIT_USAGE;
-        } else if (strcmp(a.arg, "--inflight") == 0) {
-            const char *v = arg_value(&a);
-            if (!v) return EXIT_USAGE;
-            if (!parse_int(v, 1, 1024, &inflight)) return usage_error("--inflight: expected 1..1024, got '%s'", v);
-        } else if (strcmp(a.arg, "--sidecar") == 0) {
-            sidecar = true;
-        } else if (strcmp(a.arg, "--resume") == 0) {
-            resume = true;
-        } else {
-            return usage_error("unknown option '%s'", argv[a.i]);
+        if (r == 0) {
+            r = 1;
+            if (vlm_args_is(&a, "-p", "--prompt")) r = (prompt = vlm_args_value(&a)) ? 1 : -1;
+            else if (vlm_args_is(&a, "-o", "--out")) r = (out_path = vlm_args_value(&a)) ? 1 : -1;
+            else if (vlm_args_is(&a, NULL, "--inflight")) r = vlm_args_value_i32(&a, 1, 1024, &inflight) ? 1 : -1;
+            else if (vlm_args_is(&a, NULL, "--sidecar")) sidecar = true;
+            else if (vlm_args_is(&a, NULL, "--resume")) resume = true;
+            else return usage_error("unknown option '%s'", a.arg);
         }
+        if (r < 0) return usage_error("%s", a.err);
     }
     if (!dir) return usage_error("no folder given");
     if (resume && !sidecar && (!out_path || strcmp(out_path, "-") == 0))
@@ -1541,27 +1455,27 @@ static const char main_help[] =
 
 int main(int argc, char **argv) {
     /* Global options before the command are handed on to it. */
-    int first = 1;
     const char *global[8];
     int n_global = 0;
-    while (first < argc && argv[first][0] == '-') {
-        const char *s = argv[first];
-        if (is_help(s)) {
+    vlm_args_t a;
+    vlm_args_init(&a, argc, argv);
+    while (vlm_args_next(&a) && vlm_args_is_option(&a)) {
+        if (is_help(&a)) {
             printf("%s\n%s\n%s", main_help, common_help, exit_help);
             return 0;
         }
-        const bool takes = strcmp(s, "--endpoint") == 0 || strcmp(s, "--timeout") == 0;
-        const bool inline_v = strncmp(s, "--endpoint=", 11) == 0 || strncmp(s, "--timeout=", 10) == 0;
-        if (!takes && !inline_v) return usage_error("unknown option '%s' before the command", s);
-        if (takes && first + 1 >= argc) return usage_error("option '%s' needs a value", s);
-        if (n_global + 2 > 8) return usage_error("too many options before the command");
-        global[n_global++] = argv[first++];
-        if (takes) global[n_global++] = argv[first++];
+        if (!vlm_args_is(&a, NULL, "--endpoint") && !vlm_args_is(&a, NULL, "--timeout"))
+            return usage_error("unknown option '%s' before the command", a.arg);
+        const int from = a.i; /* "--name=value", or "--name" and its value */
+        if (!vlm_args_value(&a)) return usage_error("%s", a.err);
+        if (n_global + (a.i - from + 1) > 8) return usage_error("too many options before the command");
+        for (int i = from; i <= a.i; i++) global[n_global++] = argv[i];
     }
-    if (first >= argc) {
+    if (!a.arg) {
         fprintf(stderr, "%s", main_help);
         return EXIT_USAGE;
     }
+    const int first = a.i;
     const char *cmd = argv[first];
     /* argv for the command: its name, the global options, then its own. */
     char **sub = calloc((size_t)(argc - first + n_global + 1), sizeof *sub);

@@ -46,10 +46,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/args.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/gguf.h"
 #include "core/pool.h"
+#include "core/utf8.h"
 #include "projector/projector.h"
 #include "text/chat.h"
 #include "text/llama.h"
@@ -161,37 +163,61 @@ static void usage(FILE *f) {
         f);
 }
 
-static bool parse_i32(const char *s, int32_t lo, int32_t hi, int32_t *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return false;
-    *out = (int32_t)v;
-    return true;
-}
-
-static bool parse_u64(const char *s, uint64_t *out) {
-    char *end;
-    errno = 0;
-    if (*s == '-') return false;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s || *end) return false;
-    *out = (uint64_t)v;
-    return true;
-}
-
-static bool parse_f32(const char *s, float *out) {
-    char *end;
-    errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end || !isfinite(v)) return false;
-    *out = v;
-    return true;
-}
-
-/* True when arg is the short or long spelling of an option (b may be NULL). */
-static bool is_opt(const char *arg, const char *a, const char *b) {
-    return strcmp(arg, a) == 0 || (b && strcmp(arg, b) == 0);
+/* vlm_args_walk()'s callback: applies the option at the cursor to ctx (a
+ * run_opts_t). Returns false, with the message in a->err, on an unknown
+ * option or a bad value. */
+static bool parse_option(vlm_args_t *a, void *ctx) {
+    run_opts_t *o = ctx;
+    vlm_sampler_params_t *sp = &o->sampling;
+    const char *v;
+    if (vlm_args_is(a, "-m", "--model")) return (o->model = vlm_args_value(a)) != NULL;
+    if (vlm_args_is(a, NULL, "--mmproj")) return (o->mmproj = vlm_args_value(a)) != NULL;
+    if (vlm_args_is(a, NULL, "--image")) {
+        if (!(v = vlm_args_value(a))) return false;
+        if (o->n_images == RUN_MAX_IMAGES) return vlm_args_error(a, "at most %d images", RUN_MAX_IMAGES);
+        o->images[o->n_images++] = v;
+        return true;
+    }
+    if (vlm_args_is(a, "-p", "--prompt")) return (o->prompt = vlm_args_value(a)) != NULL;
+    if (vlm_args_is(a, NULL, "--system")) return (o->system = vlm_args_value(a)) != NULL;
+    if (vlm_args_is(a, "-n", "--max-tokens")) return vlm_args_value_i32(a, -1, INT32_MAX, &o->n_predict);
+    if (vlm_args_is(a, NULL, "--temp")) return vlm_args_value_f32(a, -INFINITY, INFINITY, &sp->temperature);
+    if (vlm_args_is(a, NULL, "--top-k")) return vlm_args_value_i32(a, INT32_MIN, INT32_MAX, &sp->top_k);
+    if (vlm_args_is(a, NULL, "--top-p")) return vlm_args_value_f32(a, -INFINITY, INFINITY, &sp->top_p);
+    if (vlm_args_is(a, NULL, "--min-p")) return vlm_args_value_f32(a, -INFINITY, INFINITY, &sp->min_p);
+    if (vlm_args_is(a, NULL, "--repeat-penalty"))
+        return vlm_args_value_f32(a, -INFINITY, INFINITY, &sp->repeat_penalty);
+    if (vlm_args_is(a, NULL, "--seed")) return (o->seed_given = vlm_args_value_u64(a, 0, INT64_MAX, &sp->seed));
+    if (vlm_args_is(a, "-t", "--threads")) return vlm_args_value_i32(a, 1, 1024, &o->n_threads);
+    if (vlm_args_is(a, NULL, "--template")) {
+        if (!(v = vlm_args_value(a))) return false;
+        if (vlm_chat_template_from_name(v) == VLM_CHAT_TEMPLATE_UNKNOWN)
+            return vlm_args_bad_value(a, "raw, vicuna, llama2, llama3, mistral-v1 or chatml");
+        o->template_name = v;
+        return true;
+    }
+    if (vlm_args_is(a, NULL, "--ignore-eos")) return vlm_args_flag(a, &o->ignore_eos);
+    if (vlm_args_is(a, NULL, "--json")) return vlm_args_flag(a, &o->json);
+    if (vlm_args_is(a, NULL, "--tokenize")) return vlm_args_flag(a, &o->tokenize);
+    if (vlm_args_is(a, NULL, "--no-bos")) return vlm_args_flag(a, &o->no_bos);
+    if (vlm_args_is(a, NULL, "--special")) return vlm_args_flag(a, &o->special);
+    if (vlm_args_is(a, NULL, "--dump-logits")) return (o->dump_logits = vlm_args_value(a)) != NULL;
+    if (vlm_args_is(a, NULL, "--preprocess")) {
+        if (!(v = vlm_args_value(a))) return false;
+        const int m = vlm_preprocess_mode_from_name(v);
+        if (m < 0) return vlm_args_bad_value(a, "hf or llamacpp");
+        o->preprocess = (vlm_preprocess_mode_t)m;
+        return true;
+    }
+    if (vlm_args_is(a, NULL, "--ctx")) return vlm_args_value_i32(a, 1, INT32_MAX, &o->n_ctx);
+    if (vlm_args_is(a, NULL, "--kv-type")) {
+        if (!(v = vlm_args_value(a))) return false;
+        if (strcmp(v, "f16") == 0) o->kv_type = VLM_DTYPE_F16;
+        else if (strcmp(v, "f32") == 0) o->kv_type = VLM_DTYPE_F32;
+        else return vlm_args_bad_value(a, "f16 or f32");
+        return true;
+    }
+    return vlm_args_error(a, "unknown option '%s' (see --help)", a->arg);
 }
 
 /* Parses argv into o. Returns 0 to run, 2 when help was printed, 1 on a bad
@@ -205,124 +231,12 @@ static int parse_args(int argc, char **argv, run_opts_t *o) {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     o->n_threads = ncpu > 0 ? (int)(ncpu > 256 ? 256 : ncpu) : 1;
 
-    for (int i = 1; i < argc; i++) {
-        const char *arg = argv[i];
-        const char *val = NULL;
-        char name[64];
-        /* --flag=value */
-        const char *eq = strncmp(arg, "--", 2) == 0 ? strchr(arg, '=') : NULL;
-        if (eq && (size_t)(eq - arg) < sizeof name) {
-            memcpy(name, arg, (size_t)(eq - arg));
-            name[eq - arg] = '\0';
-            val = eq + 1;
-            arg = name;
-        }
-#define IS(a, b) is_opt(arg, a, b)
-#define VALUE()                                                                \
-    do {                                                                       \
-        if (!val) {                                                            \
-            if (i + 1 >= argc) return fail("option '%s' needs a value", arg);  \
-            val = argv[++i];                                                   \
-        }                                                                      \
-    } while (0)
-#define FLAG()                                                                 \
-    do {                                                                       \
-        if (val) return fail("option '%s' takes no value", arg);               \
-    } while (0)
-        if (IS("-h", "--help")) {
-            usage(stdout);
-            return 2;
-        } else if (IS("-m", "--model")) {
-            VALUE();
-            o->model = val;
-        } else if (IS("--mmproj", NULL)) {
-            VALUE();
-            o->mmproj = val;
-        } else if (IS("--image", NULL)) {
-            VALUE();
-            if (o->n_images == RUN_MAX_IMAGES) return fail("at most %d images", RUN_MAX_IMAGES);
-            o->images[o->n_images++] = val;
-        } else if (IS("-p", "--prompt")) {
-            VALUE();
-            o->prompt = val;
-        } else if (IS("--system", NULL)) {
-            VALUE();
-            o->system = val;
-        } else if (IS("-n", "--max-tokens")) {
-            VALUE();
-            if (!parse_i32(val, -1, INT32_MAX, &o->n_predict))
-                return fail("-n/--max-tokens: expected an integer >= -1, got '%s'", val);
-        } else if (IS("--temp", NULL)) {
-            VALUE();
-            if (!parse_f32(val, &o->sampling.temperature))
-                return fail("--temp: expected a number, got '%s'", val);
-        } else if (IS("--top-k", NULL)) {
-            VALUE();
-            if (!parse_i32(val, INT32_MIN, INT32_MAX, &o->sampling.top_k))
-                return fail("--top-k: expected an integer, got '%s'", val);
-        } else if (IS("--top-p", NULL)) {
-            VALUE();
-            if (!parse_f32(val, &o->sampling.top_p)) return fail("--top-p: expected a number, got '%s'", val);
-        } else if (IS("--min-p", NULL)) {
-            VALUE();
-            if (!parse_f32(val, &o->sampling.min_p)) return fail("--min-p: expected a number, got '%s'", val);
-        } else if (IS("--repeat-penalty", NULL)) {
-            VALUE();
-            if (!parse_f32(val, &o->sampling.repeat_penalty))
-                return fail("--repeat-penalty: expected a number, got '%s'", val);
-        } else if (IS("--seed", NULL)) {
-            VALUE();
-            if (!parse_u64(val, &o->sampling.seed) || o->sampling.seed > (uint64_t)INT64_MAX)
-                return fail("--seed: expected an integer in 0..2^63-1, got '%s'", val);
-            o->seed_given = true;
-        } else if (IS("-t", "--threads")) {
-            VALUE();
-            int32_t n;
-            if (!parse_i32(val, 1, 1024, &n)) return fail("-t/--threads: expected 1..1024, got '%s'", val);
-            o->n_threads = n;
-        } else if (IS("--template", NULL)) {
-            VALUE();
-            if (vlm_chat_template_from_name(val) == VLM_CHAT_TEMPLATE_UNKNOWN)
-                return fail("--template: unknown template '%s' (raw, vicuna, llama2, llama3, "
-                            "mistral-v1, chatml)", val);
-            o->template_name = val;
-        } else if (IS("--ignore-eos", NULL)) {
-            FLAG();
-            o->ignore_eos = true;
-        } else if (IS("--json", NULL)) {
-            FLAG();
-            o->json = true;
-        } else if (IS("--tokenize", NULL)) {
-            FLAG();
-            o->tokenize = true;
-        } else if (IS("--no-bos", NULL)) {
-            FLAG();
-            o->no_bos = true;
-        } else if (IS("--special", NULL)) {
-            FLAG();
-            o->special = true;
-        } else if (IS("--dump-logits", NULL)) {
-            VALUE();
-            o->dump_logits = val;
-        } else if (IS("--preprocess", NULL)) {
-            VALUE();
-            int m = vlm_preprocess_mode_from_name(val);
-            if (m < 0) return fail("--preprocess: expected hf or llamacpp, got '%s'", val);
-            o->preprocess = (vlm_preprocess_mode_t)m;
-        } else if (IS("--ctx", NULL)) {
-            VALUE();
-            if (!parse_i32(val, 1, INT32_MAX, &o->n_ctx)) return fail("--ctx: expected an integer >= 1, got '%s'", val);
-        } else if (IS("--kv-type", NULL)) {
-            VALUE();
-            if (strcmp(val, "f16") == 0) o->kv_type = VLM_DTYPE_F16;
-            else if (strcmp(val, "f32") == 0) o->kv_type = VLM_DTYPE_F32;
-            else return fail("--kv-type: expected f16 or f32, got '%s'", val);
-        } else {
-            return fail("unknown option '%s' (see --help)", argv[i]);
-        }
-#undef IS
-#undef VALUE
-#undef FLAG
+    vlm_args_t a;
+    const int walked = vlm_args_walk(&a, argc, argv, parse_option, o);
+    if (walked < 0) return fail("%s", a.err);
+    if (walked > 0) {
+        usage(stdout);
+        return 2;
     }
 
     if (!o->model) return fail("no model given (-m FILE; see --help)");
@@ -401,57 +315,6 @@ static bool bytes_append(bytes_t *b, const char *s, size_t n) {
     b->len += n;
     b->data[b->len] = '\0';
     return true;
-}
-
-/* A copy of s[0..n) as valid UTF-8: every maximal ill-formed subsequence
- * becomes U+FFFD, as Python's decode("utf-8", "replace") does (the golden
- * expected_text was made that way). Caller frees; NULL when out of memory. */
-static char *utf8_sanitize(const char *s, size_t n) {
-    char *out = malloc(3 * n + 1);
-    if (!out) return NULL;
-    size_t o = 0;
-    const unsigned char *u = (const unsigned char *)s;
-    for (size_t i = 0; i < n;) {
-        unsigned c = u[i];
-        size_t need;
-        unsigned lo = 0x80, hi = 0xBF; /* valid range of the second byte */
-        if (c < 0x80) {
-            out[o++] = (char)c;
-            i++;
-            continue;
-        } else if (c >= 0xC2 && c <= 0xDF) {
-            need = 1;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            need = 2;
-            if (c == 0xE0) lo = 0xA0;
-            if (c == 0xED) hi = 0x9F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            need = 3;
-            if (c == 0xF0) lo = 0x90;
-            if (c == 0xF4) hi = 0x8F;
-        } else {
-            need = 0; /* never a valid lead byte */
-        }
-        size_t k = 0; /* continuation bytes that fit */
-        if (need > 0) {
-            while (k < need && i + 1 + k < n) {
-                unsigned b = u[i + 1 + k];
-                if (k == 0 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) break;
-                k++;
-            }
-        }
-        if (need > 0 && k == need) {
-            memcpy(out + o, s + i, need + 1);
-            o += need + 1;
-            i += need + 1;
-        } else {
-            memcpy(out + o, "\xEF\xBF\xBD", 3);
-            o += 3;
-            i += need > 0 ? 1 + k : 1;
-        }
-    }
-    out[o] = '\0';
-    return out;
 }
 
 static char *hex_of(const char *s, size_t n) {
@@ -931,7 +794,9 @@ static double per_s(double n, double ms) { return ms > 0 ? n * 1000.0 / ms : 0.0
 /* Prints the --json object. Returns 0 or the exit status. */
 static int print_json(const run_opts_t *o, const run_prompt_t *p, const run_images_t *im,
                       const run_result_t *r, double load_ms) {
-    char *text = utf8_sanitize(r->text.data ? r->text.data : "", r->text.len);
+    /* Valid UTF-8 as Python's decode("utf-8", "replace"): the golden
+     * expected_text was made that way. */
+    char *text = vlm_utf8_sanitize(r->text.data ? r->text.data : "", r->text.len, NULL);
     char *hex = hex_of(r->text.data ? r->text.data : "", r->text.len);
     json_t *timings = json_pack(
         "{s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:I}",
