@@ -11,8 +11,11 @@ Runs real vlmd processes on loopback and prints:
      TinyLlama-1.1B-shaped Q4_0 weights (--parallel 8), and the speed-up over
      one stream (the target is >= 4x at 8 streams);
   4. images per second for caption-style jobs (one image, a short answer)
-     on TinyLlama Q4_0 + a CLIP ViT-L/14-336 mmproj, as a stand-in for the
-     bundled model until it exists, with and without --batch-images.
+     on TinyLlama Q4_0 + a CLIP ViT-L/14-336 mmproj (LLaVA-sized encoder,
+     smaller decoder), with and without --batch-images;
+  5. images per second for `vlm caption` (the real CLI) on a folder of 200
+     JPEG scenes with the bundled model (models/default), for a few
+     --parallel / --inflight settings.
 Models come from $VLM_MODELS_DIR (default /work/models; bench/README.md says
 how to make them); parts whose files are missing are skipped.
 
@@ -196,7 +199,7 @@ def part_streams(vlmd, threads, quick):
 def part_captions(vlmd, threads, quick):
     text = os.path.join(MODELS, "tinyllama-q4_0.gguf")
     mmproj = os.path.join(MODELS, "clip-l-336-tinyllama-f16.gguf")
-    print("== 4. caption jobs/s: TinyLlama Q4_0 + CLIP ViT-L/14-336 F16 (stand-in for the bundled model)")
+    print("== 4. caption jobs/s: TinyLlama Q4_0 + CLIP ViT-L/14-336 F16")
     if not (os.path.exists(text) and os.path.exists(mmproj)):
         print("skipped: models not found (see bench/README.md)")
         return
@@ -221,12 +224,48 @@ def part_captions(vlmd, threads, quick):
         d.stop()
 
 
+def part_vlm_caption(vlmd, threads, quick):
+    import shutil
+    import tempfile
+    model = os.path.join(SOURCE, "models", "default")
+    vlm = os.path.join(os.path.dirname(os.path.dirname(vlmd)), "clients", "vlm")
+    n = 50 if quick else 200
+    print(f"== 5. vlm caption on {n} JPEG scenes, bundled model ({model})")
+    if not os.path.exists(os.path.join(model, "text.gguf")):
+        print("skipped: models/default/text.gguf not found")
+        return
+    tmp = tempfile.mkdtemp(prefix="vlm-bench-")
+    try:
+        folder = os.path.join(tmp, "scenes")
+        env = dict(os.environ, PYTHONPATH=os.path.join(SOURCE, "tools"))
+        subprocess.run([sys.executable, "-m", "scenes", "--first-seed", "3000000", "--count", str(n),
+                        "--out", folder, "--format", "jpeg"], check=True, env=env, stdout=subprocess.DEVNULL)
+        for parallel, inflight in ((1, 1), (4, 8), (8, 16)):
+            d = Daemon(vlmd, ["--parallel", str(parallel), "-t", str(threads)])
+            out = os.path.join(tmp, f"captions-{parallel}.jsonl")
+            t0 = time.perf_counter()
+            r = subprocess.run([vlm, "caption", folder, "--inflight", str(inflight), "--out", out,
+                                "--max-tokens", "48"], env=dict(os.environ, VLM_ENDPOINT=d.endpoint),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            secs = time.perf_counter() - t0
+            d.stop()
+            with open(out) as f:
+                rows = [json.loads(line) for line in f]
+            ok = [x for x in rows if "caption" in x]
+            toks = sum(x["tokens"] for x in ok)
+            print(f"--parallel {parallel} --inflight {inflight:2d}: {len(ok) / secs:7.1f} images/s "
+                  f"({len(ok)}/{n} captioned in {secs:.2f} s, {toks / max(len(ok), 1):.1f} tokens per caption, "
+                  f"{toks / secs:.0f} tokens/s, exit {r.returncode})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default=os.path.join(SOURCE, "build"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--parts", default="1234", help="which parts to run (default 1234)")
+    ap.add_argument("--parts", default="12345", help="which parts to run (default 12345)")
     a = ap.parse_args()
     vlmd = os.path.join(a.build, "daemon", "vlmd")
     if not os.access(vlmd, os.X_OK):
@@ -238,6 +277,8 @@ def main():
         part_streams(vlmd, a.threads, a.quick)
     if "4" in a.parts:
         part_captions(vlmd, a.threads, a.quick)
+    if "5" in a.parts:
+        part_vlm_caption(vlmd, a.threads, a.quick)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@
 # llava7b-q4_k_m .gguf, whichever exist.
 #
 # Environment: VLM_BUILD_DIR (default: build), THREADS (2), ROUNDS (3),
-# PP (512), TG (128).
+# PP (512), TG (128), LB_ARGS (extra llama-bench flags, e.g. "-rtr 1" for
+# ik_llama.cpp's run-time repacking), LB_NAME (the other engine's name in
+# the table, default llama.cpp).
 set -euo pipefail
 
 usage() {
@@ -42,6 +44,8 @@ threads=${THREADS:-2}
 rounds=${ROUNDS:-3}
 pp=${PP:-512}
 tg=${TG:-128}
+lb_name=${LB_NAME:-llama.cpp}
+read -r -a lb_args <<< "${LB_ARGS:-}"
 py=python3
 [ -x /usr/bin/python3 ] && py=/usr/bin/python3
 
@@ -90,10 +94,10 @@ for round in $(seq 1 "$rounds"); do
         else
             echo "  vlmd failed: $(tail -n 1 "$tmp/a.err")" >&2
         fi
-        echo "round $round/$rounds: $name: llama.cpp" >&2
+        echo "round $round/$rounds: $name: $lb_name" >&2
         # B: llama.cpp, same file, threads, prompt and generation lengths.
         rm -f "$tmp/rss"
-        if "${time_cmd[@]}" "$llama_bench" -m "$model" -t "$threads" -p "$pp" -n "$tg" -r 1 -o csv \
+        if "${time_cmd[@]}" "$llama_bench" -m "$model" -t "$threads" -p "$pp" -n "$tg" -r 1 "${lb_args[@]}" -o csv \
                 > "$tmp/b.csv" 2> "$tmp/b.err"; then
             rss_kb=$(tail -n 1 "$tmp/rss" 2> /dev/null || echo 0)
             "$py" - "$tmp/b.csv" "$name" "$round" "$rss_kb" >> "$results" <<'EOF'
@@ -119,10 +123,10 @@ done
 echo "# before: $(grep -E '^(triad|sgemm)' "$tmp/limits.before" | sed 's/  */ /g' | paste -sd';')"
 echo "# after:  $(grep -E '^(triad|sgemm)' "$tmp/limits.after" | sed 's/  */ /g' | paste -sd';')"
 echo "# $(grep -E '^(cpu|microarchitecture)' "$tmp/limits.before" | sed 's/  */ /g' | paste -sd';')"
-echo "# llama-bench: $llama_bench; $threads threads; pp$pp / tg$tg; medians of $rounds interleaved rounds"
-"$py" - "$results" "$pp" "$tg" <<'EOF'
+echo "# llama-bench ($lb_name): $llama_bench ${lb_args[*]}; $threads threads; pp$pp / tg$tg; medians of $rounds interleaved rounds"
+"$py" - "$results" "$pp" "$tg" "$lb_name" <<'EOF'
 import sys, statistics
-path, pp, tg = sys.argv[1], sys.argv[2], sys.argv[3]
+path, pp, tg, other = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 models = []
 for r in rows:
@@ -133,13 +137,13 @@ def med(engine, model, col):
     return statistics.median(v) if v else 0.0
 def ratio(a, b):
     return f"{a / b:6.2f}x" if a > 0 and b > 0 else "     -"
-print(f"{'model':<26} | {'pp'+pp+' vlmd':>11} {'llama.cpp':>10} {'ratio':>7} | "
-      f"{'tg'+tg+' vlmd':>11} {'llama.cpp':>10} {'ratio':>7} | {'RSS MiB vlmd':>12} {'llama.cpp':>10}")
+print(f"{'model':<26} | {'pp'+pp+' vlmd':>11} {other[:10]:>10} {'ratio':>7} | "
+      f"{'tg'+tg+' vlmd':>11} {other[:10]:>10} {'ratio':>7} | {'RSS MiB vlmd':>12} {other[:10]:>10}")
 for m in models:
     a_pp, b_pp = med("vlmd", m, 3), med("llama.cpp", m, 3)
     a_tg, b_tg = med("vlmd", m, 4), med("llama.cpp", m, 4)
     a_rss, b_rss = med("vlmd", m, 5) / 2**20, med("llama.cpp", m, 5) / 2**20
     print(f"{m:<26} | {a_pp:11.2f} {b_pp:10.2f} {ratio(a_pp, b_pp):>7} | "
           f"{a_tg:11.2f} {b_tg:10.2f} {ratio(a_tg, b_tg):>7} | {a_rss:12.0f} {b_rss:10.0f}")
-print("(ratio = vlmd / llama.cpp; above 1 means vlmd is faster)")
+print(f"(ratio = vlmd / {other}; above 1 means vlmd is faster)")
 EOF
