@@ -24,6 +24,7 @@
 #include "core/pool.h"
 #include "projector/projector.h"
 #include "text/chat.h"
+#include "core/matmul.h"
 #include "text/llama.h"
 #include "text/sampler.h"
 #include "text/tokenizer.h"
@@ -219,7 +220,8 @@ int vlm_engine_new(void *zctx, const vlm_engine_opts_t *o, vlm_engine_t **out, v
     /* Text model, as vlm-run loads it. */
     if ((rc = vlm_gguf_open(o->model_path, &e->gguf, err)) != VLM_OK) goto fail_file_text;
     if ((rc = vlm_tokenizer_load(e->gguf, &e->tok, err)) != VLM_OK) goto fail_file_text;
-    if ((rc = vlm_llama_load(e->gguf, NULL, &e->llama, err)) != VLM_OK) goto fail_file_text;
+    const vlm_llama_opts_t lopts = {.prepare_flags = o->fast_order ? VLM_WEIGHT_PREPARE_FAST_ORDER : 0};
+    if ((rc = vlm_llama_load(e->gguf, &lopts, &e->llama, err)) != VLM_OK) goto fail_file_text;
     const vlm_llama_hparams_t *hp = vlm_llama_hparams(e->llama);
     e->n_vocab = hp->n_vocab;
     e->n_embd = hp->n_embd;

@@ -59,6 +59,8 @@ typedef struct vlm_engine_opts {
     int64_t max_pixels;                /* decoded image budget (w * h) */
     size_t max_image_bytes;            /* encoded image budget */
     uint32_t kv_type;                  /* VLM_DTYPE_F16 or VLM_DTYPE_F32 */
+    bool fast_order;                   /* quantized weights summed in vlmd's faster order
+                                        * (VLM_WEIGHT_PREPARE_FAST_ORDER), not ggml's */
     const char *template_name;         /* NULL: chosen as vlm-run chooses */
     int32_t prefill_budget;            /* prompt rows per forward pass; >= 512 */
     int max_encode_batch;              /* images prepared per engine iteration (batch_images) */

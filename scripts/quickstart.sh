@@ -41,7 +41,7 @@ cat "$log"
 export VLM_ENDPOINT=$(sed -n 's/.*ready on \([^ ]*\).*/\1/p' "$log" | head -n 1)
 
 echo "== vlm caption $images"
-./build/clients/vlm caption "$images" --max-tokens 24 |
+./build/clients/vlm caption "$images" --max-tokens 64 |
   /usr/bin/python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -406,7 +406,7 @@ def concurrent_jobs(endpoint, max_tokens, case=CASE):
     return out
 
 
-def compare_with_vlm_run(answers, n, case=CASE, preprocess="llamacpp"):
+def compare_with_vlm_run(answers, n, case=CASE, preprocess="llamacpp", flags=()):
     """Job ids of JOBS whose answer differs from vlm-run's for the same
     options (None when vlm-run is not built)."""
     if not os.access(VLM_RUN, os.X_OK):
@@ -414,7 +414,7 @@ def compare_with_vlm_run(answers, n, case=CASE, preprocess="llamacpp"):
     bad = []
     for k, (jid, prompt, images, _) in enumerate(JOBS):
         extra = ["--temp", "0.7", "--seed", str(40 + k)] if k in SAMPLED else []
-        ref = vlm_run(prompt, images, n, extra, case, preprocess)
+        ref = vlm_run(prompt, images, n, extra + list(flags), case, preprocess)
         a = answers.get(jid)
         if ref is None or a is None or a["event"] != "done" or a["tokens"] != ref["tokens"] or a["text"] != ref["text"]:
             bad.append(jid)
@@ -468,6 +468,16 @@ def test_other_models():
         bad = compare_with_vlm_run(answers, n, case, pre)
         check(f"{name} ({pre}): 16 batched answers equal vlm-run's", len(answers) == 16 and not bad,
               f"differ: {bad}")
+        d.stop()
+    # vlmd's own summation order (--fast-order) is batch-invariant too: 16
+    # jobs batched 8 at a time get vlm-run --fast-order's one-job answers.
+    for name in ("small-q8_0", "small-q4_k_m"):
+        case = os.path.join(os.path.dirname(CASE), name)
+        d = Daemon("--parallel", "8", "--fast-order", case=case)
+        answers = concurrent_jobs(d.endpoint, n, case)
+        bad = compare_with_vlm_run(answers, n, case, "llamacpp", ["--fast-order"])
+        check(f"{name} --fast-order: 16 batched answers equal vlm-run --fast-order's",
+              len(answers) == 16 and not bad, f"differ: {bad}")
         d.stop()
 
 

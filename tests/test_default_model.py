@@ -30,6 +30,8 @@ VLMD = os.path.join(BUILD, "daemon", "vlmd")
 MODEL = os.path.join(SOURCE, "models", "default")
 REFERENCE = os.path.join(SOURCE, "tests", "data", "default-model", "reference.jsonl")
 EVAL = os.path.join(SOURCE, "tools", "eval")
+sys.path.insert(0, os.path.join(SOURCE, "tools", "train"))
+from reference_answers import sha256  # noqa: E402  (the same digest the reference was made with)
 
 passed = 0
 failed = 0
@@ -43,15 +45,6 @@ def check(name, ok, detail=""):
         failed += 1
     print(f"[{'  OK  ' if ok else ' FAIL '}] {name}" + (f"  ({detail})" if detail else ""), flush=True)
     return ok
-
-
-def sha256(path):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def start_vlmd():

@@ -200,6 +200,20 @@ def test_text_only():
             need = required_prefix(t["margins"], diff)
             check(f"text-only {case_name} greedy tokens", agree >= min(need, len(want)),
                   f"{agree}/{len(want)} agree, {need} required (step-0 error {diff:.3g})")
+            # --fast-order sums in vlmd's own order: as close to llama.cpp
+            # as ggml's activation rounding allows, and the greedy tokens
+            # agree wherever the margins say they must.
+            with tempfile.TemporaryDirectory() as tmp:
+                dump = os.path.join(tmp, "logits.f32")
+                res, err = run_json(["-m", model, "-p", t["prompt"], "--template", "raw", "--temp", "0",
+                                     "-n", str(len(want)), "-t", THREADS, "--fast-order", "--dump-logits", dump])
+                fdiff = max_abs_diff(read_f32(dump), read_f32(os.path.join(d, "textonly.logits_last.f32"))) \
+                    if res is not None else float("inf")
+            fneed = required_prefix(t["margins"], fdiff)
+            fagree = prefix_len(res["tokens"], want) if res is not None else 0
+            check(f"text-only {case_name} --fast-order", res is not None and fdiff < limit
+                  and fagree >= min(fneed, len(want)),
+                  err or f"max|diff| {fdiff:.3g}; {fagree}/{len(want)} agree, {fneed} required")
 
     # The default template for a LLaVA file without a chat template is raw
     # (llama-cli -no-cnv), and the stream printed without --json is
