@@ -563,7 +563,8 @@ def test_errors(d):
             check("Python: model and stats answer", m.get("event") == "model" and s.get("event") == "stats")
     for args in (["ask"], ["ask", "--temp", "warm", "x"], ["ask", "--top-p", "0", "x"], ["frobnicate"],
                  ["caption"], ["caption", "/nonexistent-dir-xyz"], ["watch", "x"], ["caption", "/tmp", "--resume"],
-                 ["ask", "-", "-", "x"], ["health", "extra"]):
+                 ["ask", "-", "-", "x"], ["health", "extra"], ["ask", "--json=false", "x"],
+                 ["caption", "/tmp", "--sidecar=1"], ["caption", "/tmp", "--out", "o.jsonl", "--resume=yes"]):
         rc, out, err = vlm_cli(args, d.endpoint)
         check(f"usage error exit 2: vlm {' '.join(args)}", rc == 2 and err.startswith("vlm"), f"rc {rc} {err.strip()}")
     for cmd in ("ask", "watch", "caption", "health", "stats", "model"):

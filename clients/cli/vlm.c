@@ -541,7 +541,7 @@ static int cmd_ask(int argc, char **argv) {
         if (r == 0) {
             r = 1;
             if (vlm_args_is(&a, "-p", "--prompt")) r = (prompt = vlm_args_value(&a)) ? 1 : -1;
-            else if (vlm_args_is(&a, NULL, "--json")) json = true;
+            else if (vlm_args_is(&a, NULL, "--json")) r = vlm_args_flag(&a, &json) ? 1 : -1;
             else return usage_error("unknown option '%s'", a.arg);
         }
         if (r < 0) return usage_error("%s", a.err);
@@ -1225,8 +1225,8 @@ static int cmd_caption(int argc, char **argv) {
             if (vlm_args_is(&a, "-p", "--prompt")) r = (prompt = vlm_args_value(&a)) ? 1 : -1;
             else if (vlm_args_is(&a, "-o", "--out")) r = (out_path = vlm_args_value(&a)) ? 1 : -1;
             else if (vlm_args_is(&a, NULL, "--inflight")) r = vlm_args_value_i32(&a, 1, 1024, &inflight) ? 1 : -1;
-            else if (vlm_args_is(&a, NULL, "--sidecar")) sidecar = true;
-            else if (vlm_args_is(&a, NULL, "--resume")) resume = true;
+            else if (vlm_args_is(&a, NULL, "--sidecar")) r = vlm_args_flag(&a, &sidecar) ? 1 : -1;
+            else if (vlm_args_is(&a, NULL, "--resume")) r = vlm_args_flag(&a, &resume) ? 1 : -1;
             else return usage_error("unknown option '%s'", a.arg);
         }
         if (r < 0) return usage_error("%s", a.err);
