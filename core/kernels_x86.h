@@ -824,6 +824,21 @@ K_INLINE void tile_q5_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int 
     store_tile(acc, T, y, ldy, nvalid);
 }
 
+/* The 8 groups (NR x 4 weights each, values 0..63) of quarter qi of half h
+ * of a Q6_K panel block at p, laid out as described below. */
+K_INLINE void q6_quarter(const uint8_t *p, int h, int qi, vi_t W[8]) {
+    const vi_t m4 = VI_SET1B(0x0F);
+    const vi_t m2 = VI_SET1B(0x30);
+    const uint8_t *ga = p + 18 * NR + h * 24 * GB, *gb = ga + 8 * GB, *gh = ga + 16 * GB;
+    for (int k = 0; k < 8; k++) {
+        const vi_t src = VI_LOAD((qi & 1 ? gb : ga) + k * GB);
+        const vi_t lo = qi < 2 ? VI_AND(src, m4) : VI_AND(VI_SRL16(src, 4), m4);
+        const vi_t hr = VI_LOAD(gh + k * GB);
+        const vi_t hi = qi == 0 ? VI_SLL16(hr, 4) : qi == 1 ? VI_SLL16(hr, 2) : qi == 2 ? hr : VI_SRL16(hr, 2);
+        W[k] = VI_OR(lo, VI_AND(hi, m2));
+    }
+}
+
 /* Q6_K panel, per 256-block: d[NR] f16, sc[16][NR] i8, then for each half h
  * (128 elements): 8 groups of ql[64h + 4k ..] ("A"), 8 groups of
  * ql[64h + 32 + 4k ..] ("B"), 8 groups of qh[32h + 4k ..] ("H"). Quarter 0
@@ -834,24 +849,15 @@ K_INLINE void tile_q5_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int 
 K_INLINE void tile_q6_K(const uint8_t *p, const vlm__qact_t *A, int64_t t0, int T, float *y, int64_t ldy, int nvalid, int pf) {
     vf_t acc[TMAX];
     for (int t = 0; t < T; t++) acc[t] = VF_ZERO();
-    const vi_t m4 = VI_SET1B(0x0F);
-    const vi_t m2 = VI_SET1B(0x30);
     const int64_t nsb = A->n_in / VLM_QK_K;
     for (int64_t ib = 0; ib < nsb; ib++, p += 18 * NR + 48 * GB) {
         prefetch_bytes(p, 18 * NR + 48 * GB, pf);
         const vf_t d = VF_LOAD_F16(p);
         const int8_t *sc = (const int8_t *)(p + 2 * NR);
         for (int h = 0; h < 2; h++) {
-            const uint8_t *ga = p + 18 * NR + h * 24 * GB, *gb = ga + 8 * GB, *gh = ga + 16 * GB;
             for (int qi = 0; qi < 4; qi++) {
                 vi_t W[8];
-                for (int k = 0; k < 8; k++) {
-                    const vi_t src = VI_LOAD((qi & 1 ? gb : ga) + k * GB);
-                    const vi_t lo = qi < 2 ? VI_AND(src, m4) : VI_AND(VI_SRL16(src, 4), m4);
-                    const vi_t hr = VI_LOAD(gh + k * GB);
-                    const vi_t hi = qi == 0 ? VI_SLL16(hr, 4) : qi == 1 ? VI_SLL16(hr, 2) : qi == 2 ? hr : VI_SRL16(hr, 2);
-                    W[k] = VI_OR(lo, VI_AND(hi, m2));
-                }
+                q6_quarter(p, h, qi, W);
                 const int s16 = 8 * h + 2 * qi; /* first 16-element sub-block of this quarter */
                 const vf_t sw0 = VF_MUL(d, VF_LOAD_I8(sc + s16 * NR));
                 const vf_t sw1 = VF_MUL(d, VF_LOAD_I8(sc + (s16 + 1) * NR));
@@ -1006,7 +1012,6 @@ K_INLINE void tile_xk(const int type, const uint8_t *p, const vlm__qact_t *A, in
         for (int l = 0; l < 4; l++) accm[t][l] = VF_ZERO();
     }
     const vi_t m4 = VI_SET1B(0x0F);
-    const vi_t m2 = VI_SET1B(0x30);
     const vi_t b4 = VI_SET1B(0x10);
     const size_t sbytes = type == VLM_DTYPE_Q4_K ? 20 * NR + 32 * GB : type == VLM_DTYPE_Q5_K ? 20 * NR + 40 * GB
                                                                                             : 18 * NR + 48 * GB;
@@ -1025,16 +1030,9 @@ K_INLINE void tile_xk(const int type, const uint8_t *p, const vlm__qact_t *A, in
         if (type == VLM_DTYPE_Q6_K) {
             const int8_t *sc = (const int8_t *)(p + 2 * NR);
             for (int h = 0; h < 2; h++) {
-                const uint8_t *ga = p + 18 * NR + h * 24 * GB, *gb = ga + 8 * GB, *gh = ga + 16 * GB;
                 for (int qi = 0; qi < 4; qi++) {
                     vi_t W[8];
-                    for (int k = 0; k < 8; k++) {
-                        const vi_t src = VI_LOAD((qi & 1 ? gb : ga) + k * GB);
-                        const vi_t lo = qi < 2 ? VI_AND(src, m4) : VI_AND(VI_SRL16(src, 4), m4);
-                        const vi_t hr = VI_LOAD(gh + k * GB);
-                        const vi_t hi = qi == 0 ? VI_SLL16(hr, 4) : qi == 1 ? VI_SLL16(hr, 2) : qi == 2 ? hr : VI_SRL16(hr, 2);
-                        W[k] = VI_OR(lo, VI_AND(hi, m2));
-                    }
+                    q6_quarter(p, h, qi, W);
                     const int s16 = 8 * h + 2 * qi;
                     const vi_t sc0 = VI_SX8(sc + s16 * NR), sc1 = VI_SX8(sc + (s16 + 1) * NR);
 #pragma GCC unroll 2
@@ -1116,7 +1114,6 @@ K_INLINE void tile_xk_buf(const int type, const uint8_t *p, const vlm__qact_t *A
         for (int k = 0; k < 12; k++) accs[t][k] = VF_ZERO();
     vi_t Wb[64], scv[16], mp[4];
     const vi_t m4 = VI_SET1B(0x0F);
-    const vi_t m2 = VI_SET1B(0x30);
     const vi_t b4 = VI_SET1B(0x10);
     const size_t sbytes = type == VLM_DTYPE_Q4_K ? 20 * NR + 32 * GB : type == VLM_DTYPE_Q5_K ? 20 * NR + 40 * GB
                                                                                             : 18 * NR + 48 * GB;
@@ -1129,17 +1126,8 @@ K_INLINE void tile_xk_buf(const int type, const uint8_t *p, const vlm__qact_t *A
         if (type == VLM_DTYPE_Q6_K) {
             const int8_t *sc = (const int8_t *)(p + 2 * NR);
             for (int i = 0; i < 16; i++) scv[i] = VI_SX8(sc + i * NR);
-            for (int h = 0; h < 2; h++) {
-                const uint8_t *ga = p + 18 * NR + h * 24 * GB, *gb = ga + 8 * GB, *gh = ga + 16 * GB;
-                for (int qi = 0; qi < 4; qi++)
-                    for (int k = 0; k < 8; k++) {
-                        const vi_t src = VI_LOAD((qi & 1 ? gb : ga) + k * GB);
-                        const vi_t lo = qi < 2 ? VI_AND(src, m4) : VI_AND(VI_SRL16(src, 4), m4);
-                        const vi_t hr = VI_LOAD(gh + k * GB);
-                        const vi_t hi = qi == 0 ? VI_SLL16(hr, 4) : qi == 1 ? VI_SLL16(hr, 2) : qi == 2 ? hr : VI_SRL16(hr, 2);
-                        Wb[8 * (4 * h + qi) + k] = VI_OR(lo, VI_AND(hi, m2));
-                    }
-            }
+            for (int h = 0; h < 2; h++)
+                for (int qi = 0; qi < 4; qi++) q6_quarter(p, h, qi, Wb + 8 * (4 * h + qi));
         } else {
             dminw = VF_LOAD_F16(p + 2 * NR);
             const uint8_t *sc = p + 4 * NR, *mn = p + 12 * NR, *qh = p + 20 * NR;
