@@ -609,40 +609,54 @@ AVX512_FN static inline void kq_tb_lane(const float *const qf[ATTN_TILE], const 
     }
 }
 
-/* h[q] = lane t+8 + lane t: the first level of reduce16's tree. */
-AVX512_FN static inline void kq_tb_pair(const float *const qf[ATTN_TILE], const uint16_t *kc, size_t ld, int hd, int t,
-                                        __m512 h[ATTN_TILE]) {
+/* A lane function: lane t (of 16) of the dot products of 16 positions with
+ * ATTN_TILE queries, over n channels (kq_tb_lane, kq_vd_lane). */
+typedef void (*kq_lane_fn)(const float *const qf[ATTN_TILE], const uint16_t *kc, size_t ld, int n, int t,
+                           __m512 r[ATTN_TILE]);
+
+/* h[q] = lane t+8 + lane t: the first level of reduce16's tree. lane is a
+ * constant at every call, and always_inline makes it a direct call. */
+AVX512_FN static inline __attribute__((always_inline)) void
+kq_pair(kq_lane_fn lane, const float *const qf[ATTN_TILE], const uint16_t *kc, size_t ld, int n, int t,
+        __m512 h[ATTN_TILE]) {
     __m512 a[ATTN_TILE], b[ATTN_TILE];
-    kq_tb_lane(qf, kc, ld, hd, t, a);
-    kq_tb_lane(qf, kc, ld, hd, t + 8, b);
+    lane(qf, kc, ld, n, t, a);
+    lane(qf, kc, ld, n, t + 8, b);
     for (int q = 0; q < ATTN_TILE; q++) h[q] = _mm512_add_ps(b[q], a[q]);
+}
+
+/* The 16 lanes summed in reduce16's tree order, visited so that only a few
+ * partial sums per query stay live: ((0+8) + (4+12)) + ((2+10) + (6+14)),
+ * then the same from 1, then both. */
+AVX512_FN static inline __attribute__((always_inline)) void
+kq_tree16(kq_lane_fn lane, const float *const qf[ATTN_TILE], const uint16_t *kc, size_t ld, int n,
+          __m512 res[ATTN_TILE]) {
+    __m512 h0[ATTN_TILE], h1[ATTN_TILE], s02[ATTN_TILE], q1[ATTN_TILE];
+    kq_pair(lane, qf, kc, ld, n, 0, h0);
+    kq_pair(lane, qf, kc, ld, n, 4, h1);
+    for (int q = 0; q < ATTN_TILE; q++) s02[q] = _mm512_add_ps(h1[q], h0[q]);
+    kq_pair(lane, qf, kc, ld, n, 2, h0);
+    kq_pair(lane, qf, kc, ld, n, 6, h1);
+    for (int q = 0; q < ATTN_TILE; q++) s02[q] = _mm512_add_ps(s02[q], _mm512_add_ps(h1[q], h0[q]));
+    kq_pair(lane, qf, kc, ld, n, 1, h0);
+    kq_pair(lane, qf, kc, ld, n, 5, h1);
+    for (int q = 0; q < ATTN_TILE; q++) q1[q] = _mm512_add_ps(h1[q], h0[q]);
+    kq_pair(lane, qf, kc, ld, n, 3, h0);
+    kq_pair(lane, qf, kc, ld, n, 7, h1);
+    for (int q = 0; q < ATTN_TILE; q++) res[q] = _mm512_add_ps(s02[q], _mm512_add_ps(q1[q], _mm512_add_ps(h1[q], h0[q])));
 }
 
 /* kq_f16_avx512 in tinyBLAS order (hd % 16 == 0) for ATTN_TILE queries
  * (qf already rounded to f16) over the 16-position blocks [c_lo, c_hi)
  * (c_lo a multiple of 16): sc[q][j] = qf[q] . key_j for every j of those
  * blocks, lanes outside a query's own range included (callers ignore
- * them). The lanes are visited in the order that lets reduce16's tree be
- * summed as they come, so only a few partial sums per query stay live:
- * ((0+8) + (4+12)) + ((2+10) + (6+14)), then the same from 1, then both. */
+ * them), the lanes summed by kq_tree16. */
 AVX512_FN static void kq_f16_tb_tile(const float *const qf[ATTN_TILE], const uint16_t *kt, size_t ld, int hd, int c_lo,
                                      int c_hi, float *const sc[ATTN_TILE]) {
     for (int c0 = c_lo; c0 < c_hi; c0 += 16) {
-        const uint16_t *kc = kt + c0;
-        __m512 h0[ATTN_TILE], h1[ATTN_TILE], s02[ATTN_TILE], q1[ATTN_TILE];
-        kq_tb_pair(qf, kc, ld, hd, 0, h0);
-        kq_tb_pair(qf, kc, ld, hd, 4, h1);
-        for (int q = 0; q < ATTN_TILE; q++) s02[q] = _mm512_add_ps(h1[q], h0[q]);
-        kq_tb_pair(qf, kc, ld, hd, 2, h0);
-        kq_tb_pair(qf, kc, ld, hd, 6, h1);
-        for (int q = 0; q < ATTN_TILE; q++) s02[q] = _mm512_add_ps(s02[q], _mm512_add_ps(h1[q], h0[q]));
-        kq_tb_pair(qf, kc, ld, hd, 1, h0);
-        kq_tb_pair(qf, kc, ld, hd, 5, h1);
-        for (int q = 0; q < ATTN_TILE; q++) q1[q] = _mm512_add_ps(h1[q], h0[q]);
-        kq_tb_pair(qf, kc, ld, hd, 3, h0);
-        kq_tb_pair(qf, kc, ld, hd, 7, h1);
-        for (int q = 0; q < ATTN_TILE; q++)
-            _mm512_storeu_ps(sc[q] + c0, _mm512_add_ps(s02[q], _mm512_add_ps(q1[q], _mm512_add_ps(h1[q], h0[q]))));
+        __m512 res[ATTN_TILE];
+        kq_tree16(kq_tb_lane, qf, kt + c0, ld, hd, res);
+        for (int q = 0; q < ATTN_TILE; q++) _mm512_storeu_ps(sc[q] + c0, res[q]);
     }
 }
 
@@ -738,14 +752,6 @@ AVX512_FN static inline void kq_vd_lane(const float *const qf[ATTN_TILE], const 
     for (int q = 0; q < ATTN_TILE; q++) r[q] = _mm512_add_ps(_mm512_add_ps(a0[q], a2[q]), _mm512_add_ps(a1[q], a3[q]));
 }
 
-AVX512_FN static inline void kq_vd_pair(const float *const qf[ATTN_TILE], const uint16_t *kc, size_t ld, int np, int t,
-                                        __m512 h[ATTN_TILE]) {
-    __m512 a[ATTN_TILE], b[ATTN_TILE];
-    kq_vd_lane(qf, kc, ld, np, t, a);
-    kq_vd_lane(qf, kc, ld, np, t + 8, b);
-    for (int q = 0; q < ATTN_TILE; q++) h[q] = _mm512_add_ps(b[q], a[q]);
-}
-
 /* kq_f16_avx512 in vec_dot order for ATTN_TILE queries, as kq_f16_tb_tile:
  * the SIMD part summed lane by lane in reduce16's tree order, then the
  * channels from np on added one by one in double. */
@@ -756,20 +762,7 @@ AVX512_FN static void kq_f16_vd_tile(const float *const qf[ATTN_TILE], const uin
         const uint16_t *kc = kt + c0;
         __m512 res[ATTN_TILE];
         if (np > 0) {
-            __m512 h0[ATTN_TILE], h1[ATTN_TILE], s02[ATTN_TILE], q1[ATTN_TILE];
-            kq_vd_pair(qf, kc, ld, np, 0, h0);
-            kq_vd_pair(qf, kc, ld, np, 4, h1);
-            for (int q = 0; q < ATTN_TILE; q++) s02[q] = _mm512_add_ps(h1[q], h0[q]);
-            kq_vd_pair(qf, kc, ld, np, 2, h0);
-            kq_vd_pair(qf, kc, ld, np, 6, h1);
-            for (int q = 0; q < ATTN_TILE; q++) s02[q] = _mm512_add_ps(s02[q], _mm512_add_ps(h1[q], h0[q]));
-            kq_vd_pair(qf, kc, ld, np, 1, h0);
-            kq_vd_pair(qf, kc, ld, np, 5, h1);
-            for (int q = 0; q < ATTN_TILE; q++) q1[q] = _mm512_add_ps(h1[q], h0[q]);
-            kq_vd_pair(qf, kc, ld, np, 3, h0);
-            kq_vd_pair(qf, kc, ld, np, 7, h1);
-            for (int q = 0; q < ATTN_TILE; q++)
-                res[q] = _mm512_add_ps(s02[q], _mm512_add_ps(q1[q], _mm512_add_ps(h1[q], h0[q])));
+            kq_tree16(kq_vd_lane, qf, kc, ld, np, res);
         } else {
             for (int q = 0; q < ATTN_TILE; q++) res[q] = _mm512_setzero_ps();
         }
