@@ -57,23 +57,8 @@ sys.path.insert(0, PYDIR)
 import zmq  # noqa: E402  (Debian's python3-zmq)
 
 import vlm  # noqa: E402  (clients/python from the source tree)
+from checks import check, note, summary  # noqa: E402
 
-passed = 0
-failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"[  OK  ] {name}" + (f"  ({detail})" if detail else ""), flush=True)
-    else:
-        failed += 1
-        print(f"[ FAIL ] {name}" + (f"  ({detail})" if detail else ""), flush=True)
-
-
-def note(msg):
-    print(f"         {msg}", flush=True)
 
 
 def free_port():
@@ -873,8 +858,7 @@ def main():
             t()
         except Exception as e:
             check(t.__name__, False, f"{type(e).__name__}: {e}")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return summary()
 
 
 if __name__ == "__main__":

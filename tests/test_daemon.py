@@ -42,6 +42,8 @@ import threading
 import time
 import zlib
 
+from checks import check, note, summary
+
 try:
     import zmq
 except ImportError:  # pragma: no cover
@@ -59,24 +61,7 @@ THREADS = "2"
 WATCHDOG_S = 400          # the whole script; meson's timeout is above it
 CTX = zmq.Context.instance()
 
-passed = 0
-failed = 0
 daemons = []
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"[  OK  ] {name}" + (f"  ({detail})" if detail else ""), flush=True)
-    else:
-        failed += 1
-        print(f"[ FAIL ] {name}" + (f"  ({detail})" if detail else ""), flush=True)
-    return ok
-
-
-def note(msg):
-    print(f"         {msg}", flush=True)
 
 
 def read(name):
@@ -839,8 +824,7 @@ def main():
     reports = [l for d in daemons for l in d.lines
                if "runtime error" in l or "Sanitizer" in l or "vlmd: internal" in l]
     check("no sanitizer reports in the daemons' stderr", not reports, " | ".join(reports[:3]))
-    print(f"{passed} passed, {failed} failed ({time.monotonic() - t0:.1f} s)")
-    return 1 if failed else 0
+    return summary(f"{time.monotonic() - t0:.1f} s")
 
 
 if __name__ == "__main__":

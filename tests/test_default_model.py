@@ -24,6 +24,8 @@ import sys
 import tempfile
 import threading
 
+from checks import check, summary
+
 BUILD = os.environ.get("VLM_BUILD_DIR", os.path.join(os.path.dirname(__file__), "..", "build"))
 SOURCE = os.environ.get("VLM_SOURCE_DIR", os.path.join(os.path.dirname(__file__), ".."))
 VLMD = os.path.join(BUILD, "daemon", "vlmd")
@@ -33,18 +35,6 @@ EVAL = os.path.join(SOURCE, "tools", "eval")
 sys.path.insert(0, os.path.join(SOURCE, "tools", "train"))
 from reference_answers import sha256  # noqa: E402  (the same digest the reference was made with)
 
-passed = 0
-failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-    print(f"[{'  OK  ' if ok else ' FAIL '}] {name}" + (f"  ({detail})" if detail else ""), flush=True)
-    return ok
 
 
 def start_vlmd():
@@ -131,8 +121,7 @@ def main():
     for a, b in differ[:5]:
         print(f"         seed {a['seed']} {a['type']}: vlmd {a['daemon']!r} PyTorch {b['torch']!r}")
 
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return summary()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 
+from checks import check, note, summary
+
 BUILD = os.environ.get("VLM_BUILD_DIR", os.path.join(os.path.dirname(__file__), "..", "build"))
 SOURCE = os.environ.get("VLM_SOURCE_DIR", os.path.join(os.path.dirname(__file__), ".."))
 EXE = os.path.join(BUILD, "clients", "vlm-run")
@@ -35,22 +37,6 @@ GOLDEN = os.path.join(SOURCE, "tests", "data", "golden")
 SHARED = os.path.join(SOURCE, "..", "shared")
 THREADS = "2"
 
-passed = 0
-failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"[  OK  ] {name}" + (f"  ({detail})" if detail else ""))
-    else:
-        failed += 1
-        print(f"[ FAIL ] {name}" + (f"  ({detail})" if detail else ""))
-
-
-def note(msg):
-    print(f"         {msg}")
 
 
 def run(args, stdin=None, timeout=300):
@@ -419,8 +405,7 @@ def main():
             t()
         except Exception as e:  # a crash in one group must not hide the others
             check(t.__name__, False, f"{type(e).__name__}: {e}")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return summary()
 
 
 if __name__ == "__main__":
